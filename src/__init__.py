@@ -1,0 +1,1 @@
+"""vqzoo: discrete tokenizers of images and audio with a zoo of quantizers."""
