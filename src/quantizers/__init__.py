@@ -1,0 +1,27 @@
+"""The quantizer zoo: plain nn.Modules with the reference library's API, built by name."""
+
+from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
+from src.quantizers.fsq import FSQ, FSQOutput
+from src.quantizers.registry import (
+    UnknownQuantizerError,
+    build_quantizer,
+    quantizer_class,
+    register_quantizer,
+    registered_quantizers,
+)
+from src.quantizers.vector_quantize import VectorQuantize, VQOutput
+
+__all__ = [
+    "FSQ",
+    "Communicator",
+    "FSQOutput",
+    "SingleProcess",
+    "UnknownQuantizerError",
+    "VQOutput",
+    "VectorQuantize",
+    "build_quantizer",
+    "install_communicator",
+    "quantizer_class",
+    "register_quantizer",
+    "registered_quantizers",
+]

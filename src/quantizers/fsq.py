@@ -1,0 +1,200 @@
+"""Finite Scalar Quantization (Mentzer et al. 2023, arXiv 2309.15505).
+
+Each channel is squashed into a bounded range and rounded to one of `L` levels, with a
+straight-through gradient. The codebook is the implicit grid of `prod(levels)` points in
+[-1, 1]^len(levels); there are no codebook parameters and no auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from src.quantizers.registry import register_quantizer
+
+_MAX_INDEXABLE = 2**63  # indices are int64: the largest index prod(levels) - 1 must fit
+_BOUND_EPS = 1e-3  # widens the tanh range a little so the outermost levels are reachable
+
+
+class FSQOutput(NamedTuple):
+    """`quantized` has the input's layout and dtype; `indices` is int64 or None."""
+
+    quantized: Tensor
+    indices: Tensor | None
+
+
+@register_quantizer("fsq")
+class FSQ(nn.Module):
+    """Round each of `len(levels)` channels to its own number of levels.
+
+    Input is channel-last `(..., dim)`, or `(batch, dim, *spatial)` when built with
+    `channel_first=True`. With `num_codebooks > 1` the (projected) features are split into
+    `num_codebooks` groups of `len(levels)` channels, each quantized on the same grid.
+    """
+
+    def __init__(
+        self,
+        levels: list[int],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+    ) -> None:
+        super().__init__()
+        levels = [int(level) for level in levels]
+        if not levels or min(levels) < 2:
+            raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2; got {levels}")
+        if num_codebooks < 1:
+            raise ValueError(f"num_codebooks must be >= 1; got {num_codebooks}")
+        if keep_num_codebooks_dim is None:
+            keep_num_codebooks_dim = num_codebooks > 1
+        if num_codebooks > 1 and not keep_num_codebooks_dim:
+            raise ValueError("keep_num_codebooks_dim=False needs num_codebooks=1")
+
+        self.levels = levels
+        self.codebook_dim = len(levels)
+        self.num_codebooks = num_codebooks
+        self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self.channel_first = channel_first
+        self.return_indices = return_indices
+        self.force_quantization_f32 = force_quantization_f32
+        self.codebook_size: int = math.prod(levels)
+        if return_indices and self.codebook_size > _MAX_INDEXABLE:
+            raise ValueError(
+                f"FSQ levels {levels} give {self.codebook_size} codes, more than int64 indices "
+                f"can number; pass return_indices=False to quantize without indices"
+            )
+
+        effective_dim = self.codebook_dim * num_codebooks
+        self.dim = effective_dim if dim is None else dim
+        needs_projection = self.dim != effective_dim
+        self.project_in: nn.Module = (
+            nn.Linear(self.dim, effective_dim, bias=projection_has_bias)
+            if needs_projection
+            else nn.Identity()
+        )
+        self.project_out: nn.Module = (
+            nn.Linear(effective_dim, self.dim, bias=projection_has_bias)
+            if needs_projection
+            else nn.Identity()
+        )
+
+        level_t = torch.tensor(levels, dtype=torch.float64)
+        half_l = (level_t - 1) * (1 + _BOUND_EPS) / 2
+        offset = torch.where(level_t % 2 == 0, 0.5, 0.0)
+        # Non-persistent: derived from `levels`, so checkpoints stay free of them.
+        self.register_buffer("_half_l", half_l.float(), persistent=False)
+        self.register_buffer("_offset", offset.float(), persistent=False)
+        self.register_buffer("_shift", torch.atanh(offset / half_l).float(), persistent=False)
+        self.register_buffer(
+            "_half_width", torch.tensor([lv // 2 for lv in levels]).float(), persistent=False
+        )
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int64), persistent=False)
+        if self.codebook_size <= _MAX_INDEXABLE:
+            basis = [math.prod(levels[:i]) for i in range(len(levels))]
+            self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+        else:
+            self._basis = None
+
+    def bound(self, z: Tensor) -> Tensor:
+        """Squash `z` so that rounding gives exactly `L` integer values per channel."""
+        shift, half_l, offset = (b.to(z.dtype) for b in (self._shift, self._half_l, self._offset))
+        return torch.tanh(z + shift) * half_l - offset
+
+    def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Codes in [-1, 1] of `z` (..., codebook_dim) and their int64 indices (...)."""
+        half_width = self._half_width.to(z.dtype)
+        bounded = self.bound(z)
+        rounded = bounded.round()
+        # Straight-through: value exactly `rounded`, gradient that of `bounded`.
+        codes = (rounded + (bounded - bounded.detach())) / half_width
+        if not self.return_indices:
+            return codes, None
+        digits = (rounded.detach() + half_width).long()
+        return codes, (digits * self._basis).sum(dim=-1)
+
+    def codes_to_indices(self, zhat: Tensor) -> Tensor:
+        """Int64 index of each code `zhat` (..., len(levels)) in [-1, 1] (mixed radix)."""
+        self._check_indexable()
+        digits = (zhat.float() * self._half_width + self._half_width).round().long()
+        return (digits * self._basis).sum(dim=-1)
+
+    def _indices_to_level_codes(self, indices: Tensor) -> Tensor:
+        """Codes in [-1, 1] (..., len(levels)) of int indices (...)."""
+        self._check_indexable()
+        digits = (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        return (digits.float() - self._half_width) / self._half_width
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Decode indices as returned by `forward` into quantized outputs, in the input layout."""
+        if self.keep_num_codebooks_dim:
+            if indices.shape[-1] != self.num_codebooks:
+                raise ValueError(
+                    f"indices must end with num_codebooks={self.num_codebooks}; "
+                    f"got {tuple(indices.shape)}"
+                )
+        else:
+            indices = indices.unsqueeze(-1)
+        codes = self._indices_to_level_codes(indices).flatten(-2)
+        codes = self.project_out(codes.to(self._project_dtype()))
+        return codes.movedim(-1, 1) if self.channel_first else codes
+
+    @property
+    def implicit_codebook(self) -> Tensor:
+        """All `codebook_size` codes (codebook_size, len(levels)); built on demand."""
+        indices = torch.arange(self.codebook_size, device=self._levels.device)
+        return self._indices_to_level_codes(indices)
+
+    def forward(self, z: Tensor) -> FSQOutput:
+        """Quantize `z`; indices are (..., num_codebooks) or (...) with a single codebook."""
+        self._check_input(z)
+        if self.channel_first:
+            z = z.movedim(1, -1)
+        z = self.project_in(z)
+        orig_dtype = z.dtype
+        z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
+
+        f32 = self.force_quantization_f32
+        with torch.autocast(z.device.type, enabled=False) if f32 else nullcontext():
+            if f32 and z.dtype not in (torch.float32, torch.float64):
+                z = z.float()
+            codes, indices = self._quantize(z)
+        codes = codes.flatten(-2).to(orig_dtype)
+
+        out = self.project_out(codes)
+        if self.channel_first:
+            out = out.movedim(-1, 1)
+        if indices is not None and not self.keep_num_codebooks_dim:
+            indices = indices.squeeze(-1)
+        return FSQOutput(out, indices)
+
+    def _check_input(self, z: Tensor) -> None:
+        if self.channel_first:
+            if z.ndim < 2 or z.shape[1] != self.dim:
+                raise ValueError(
+                    f"FSQ(channel_first=True) expects (batch, dim={self.dim}, ...) maps; "
+                    f"got {tuple(z.shape)}"
+                )
+        elif z.ndim < 1 or z.shape[-1] != self.dim:
+            raise ValueError(
+                f"FSQ expects channel-last input (..., dim={self.dim}); got {tuple(z.shape)}; "
+                f"build with channel_first=True for (batch, dim, height, width) maps"
+            )
+
+    def _check_indexable(self) -> None:
+        if self._basis is None:
+            raise ValueError(
+                f"FSQ levels {self.levels} give {self.codebook_size} codes, too many for "
+                f"int64 indices"
+            )
+
+    def _project_dtype(self) -> torch.dtype:
+        weight = getattr(self.project_out, "weight", None)
+        return weight.dtype if weight is not None else torch.float32
