@@ -37,7 +37,9 @@ def split_sizes(
 def seeded_split(
     num_samples: int, val_fraction: float, test_fraction: float, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Split ``range(num_samples)`` into disjoint sorted train/val/test index tensors.
+    """Split ``range(num_samples)`` into disjoint train/val/test index tensors, each in the
+    permuted order (sources such as the MNIST table are sorted by label; a shuffled fixed order
+    gives varied validation images and grids).
 
     Uses a private ``torch.Generator`` seeded with ``seed`` (never the global RNG), so the same
     seed gives the same split in any process.
@@ -47,7 +49,7 @@ def seeded_split(
     train = perm[:num_train]
     val = perm[num_train : num_train + num_val]
     test = perm[num_train + num_val :]
-    return train.sort().values, val.sort().values, test.sort().values
+    return train, val, test
 
 
 class SplitImageDataModule(LightningDataModule):
