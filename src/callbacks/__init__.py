@@ -1,0 +1,6 @@
+"""Lightning callbacks: media written to the run directory, config stored in checkpoints."""
+
+from src.callbacks.config_in_checkpoint import ConfigInCheckpoint
+from src.callbacks.reconstruction_grid import ReconstructionGrid
+
+__all__ = ["ConfigInCheckpoint", "ReconstructionGrid"]

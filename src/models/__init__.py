@@ -1,0 +1,1 @@
+"""Encoders/decoders, losses and the tokenizer LightningModules."""

@@ -1,0 +1,1 @@
+"""Glue for the entry points: instantiation from config, reports, early config checks."""

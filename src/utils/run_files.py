@@ -1,0 +1,42 @@
+"""Where a finished run left its checkpoints, metrics and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from src.callbacks import ReconstructionGrid
+
+
+def run_files(trainer: Trainer) -> dict[str, Path | None]:
+    """Best and last checkpoint, metrics CSV and the latest reconstruction grid (None if absent)."""
+    files: dict[str, Path | None] = {}
+    checkpoint = trainer.checkpoint_callback
+    if isinstance(checkpoint, ModelCheckpoint):
+        files["best checkpoint"] = (
+            Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+        )
+        files["last checkpoint"] = (
+            Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
+        )
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            files["metrics csv"] = Path(logger.log_dir) / "metrics.csv"
+    for callback in trainer.callbacks:
+        if isinstance(callback, ReconstructionGrid) and callback.last_path is not None:
+            files["reconstructions"] = callback.last_path
+    return files
+
+
+def final_metrics(
+    trainer: Trainer, prefixes: tuple[str, ...] = ("val/", "test/")
+) -> dict[str, float]:
+    """Epoch-level validation and test metrics the trainer holds at the end of the run."""
+    return {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith(prefixes) and value.numel() == 1
+    }
