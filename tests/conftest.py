@@ -1,0 +1,43 @@
+"""Fixtures that compose the real configs (as train.py / eval.py do) for fast CPU runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+
+def compose_config(
+    config_name: str, overrides: list[str] | None = None, output_dir: Path | None = None
+) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` with Hydra's own config set, as a real run would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def train_config(tmp_path: Path) -> Iterator[callable]:
+    """Factory: the train config with overrides, writing into a fresh temporary run dir."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("train", list(overrides), output_dir=tmp_path / "run")
+
+    yield make
+    GlobalHydra.instance().clear()
