@@ -1,0 +1,140 @@
+"""Shared machinery of the quantizer benchmarks: cases, timing, peak memory, the table.
+
+A case builds our module and, optionally, the reference library's module on identical
+inputs; both run forward+backward in training mode in this process, one after the other.
+Peak memory is the rise of the process's resident-set high-water mark (Linux VmHWM, reset
+through /proc/self/clear_refs) over the resident size before the timed steps, so it counts
+every allocation torch makes on the CPU, not only tensors Python can see.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+STATUS = Path("/proc/self/status")
+CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+@dataclass
+class Case:
+    """One benchmark row: how to build each implementation and its input."""
+
+    name: str
+    tokens: int
+    make_input: Callable[[], Tensor]
+    ours: Callable[[], nn.Module]
+    reference: Callable[[], nn.Module] | None = None
+    # turns a module's output into the scalar that is backpropagated
+    objective: Callable[[object, Tensor], Tensor] | None = None
+    steps: int = 3
+    notes: str = ""
+    # skip the reference when it is known to need more than this machine has
+    reference_skip_reason: str = ""
+
+
+@dataclass
+class Result:
+    seconds_per_step: float
+    peak_mib: float
+    tokens_per_sec: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _kib(field_name: str) -> int:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in {STATUS}")
+
+
+def reset_peak_rss() -> int:
+    """Reset the high-water mark; returns the current resident size in KiB."""
+    gc.collect()
+    CLEAR_REFS.write_text("5")
+    return _kib("VmRSS")
+
+
+def peak_rss_rise_mib(baseline_kib: int) -> float:
+    return max(0, _kib("VmHWM") - baseline_kib) / 1024
+
+
+def default_objective(output: object, x: Tensor) -> Tensor:
+    """Sum of the quantized output against a fixed projection, plus any auxiliary loss."""
+    quantized = output[0] if isinstance(output, tuple) else output
+    value = quantized.float().mul(0.01).sum()
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, tuple) and len(output) > 2:
+        loss = output[2]
+    if isinstance(loss, Tensor):
+        value = value + loss.float().sum()
+    return value
+
+
+def run_steps(module: nn.Module, x: Tensor, case: Case) -> Result:
+    """Warm up once, then time `case.steps` forward+backward steps and record peak memory."""
+    objective = case.objective or default_objective
+    module.train()
+    inputs = x.clone().requires_grad_(x.is_floating_point())
+    objective(module(inputs), inputs).backward()  # warm-up (k-means init, lazy buffers, ...)
+    baseline = reset_peak_rss()
+    start = time.perf_counter()
+    for _ in range(case.steps):
+        inputs = x.clone().requires_grad_(x.is_floating_point())
+        module.zero_grad(set_to_none=True)
+        objective(module(inputs), inputs).backward()
+    seconds = (time.perf_counter() - start) / case.steps
+    return Result(seconds, peak_rss_rise_mib(baseline), case.tokens / seconds)
+
+
+def bench_case(case: Case, with_reference: bool = True) -> dict[str, Result | str]:
+    """Run our implementation and (if given) the reference on the same input."""
+    torch.manual_seed(0)
+    x = case.make_input()
+    results: dict[str, Result | str] = {}
+    for label, build in (("ours", case.ours), ("reference", case.reference)):
+        if build is None or (label == "reference" and not with_reference):
+            continue
+        if label == "reference" and case.reference_skip_reason:
+            results[label] = case.reference_skip_reason
+            continue
+        torch.manual_seed(0)
+        module = build()
+        results[label] = run_steps(module, x, case)
+        del module
+        gc.collect()
+    return results
+
+
+def markdown_table(rows: Sequence[tuple[Case, dict[str, Result | str]]]) -> str:
+    """Ours vs reference: tokens/s, seconds per step, peak MiB, speed-up and memory ratio."""
+    lines = [
+        "| case | ours tok/s | ours s/step | ours peak MiB | ref tok/s | ref s/step | "
+        "ref peak MiB | speed-up | memory ratio |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case, results in rows:
+        ours, ref = results.get("ours"), results.get("reference")
+        cells = [case.name]
+        for r in (ours, ref):
+            if isinstance(r, Result):
+                cells += [
+                    f"{r.tokens_per_sec:,.0f}",
+                    f"{r.seconds_per_step:.4f}",
+                    f"{r.peak_mib:.0f}",
+                ]
+            else:
+                cells += [str(r or "-"), "-", "-"]
+        if isinstance(ours, Result) and isinstance(ref, Result):
+            cells.append(f"{ref.seconds_per_step / ours.seconds_per_step:.1f}x")
+            cells.append(f"{ours.peak_mib / max(ref.peak_mib, 1e-9):.2f}")
+        else:
+            cells += ["-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
