@@ -56,3 +56,11 @@ def test_default_run_dir_is_logs_task_runs_timestamp(tmp_path: Path) -> None:
     run_dir = cfg.hydra.run.dir
     assert run_dir.startswith(f"{cfg.paths.log_dir}/train/runs/")
     assert cfg.hydra.sweep.dir.startswith(f"{cfg.paths.log_dir}/train/multiruns/")
+
+
+def test_slurm_launcher_follows_the_trainer(tmp_path: Path) -> None:
+    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    cfg = compose_config("train", overrides, output_dir=tmp_path)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 4, 4)
