@@ -227,3 +227,30 @@ def test_exhaustive_small_grid_input() -> None:
     z = torch.cartesian_prod(axis, axis)
     _, indices = FSQ(levels=[3, 4])(z)
     assert indices.unique().tolist() == list(range(12))
+
+
+@pytest.mark.parametrize("dim", [4, 8])
+def test_every_code_of_8555_reachable_in_bf16_training(dim: int) -> None:
+    """Under bf16 autocast (a bf16 projection in front when dim=8) all 1000 codes are hit."""
+    quantizer = FSQ(levels=[8, 5, 5, 5], dim=dim).train()
+    if dim != 4:
+        with torch.no_grad():  # pass the first 4 channels straight to the quantizer
+            quantizer.project_in.weight.copy_(torch.eye(4, dim))
+            quantizer.project_in.bias.zero_()
+    axis = torch.linspace(-4, 4, 41)
+    z = torch.cartesian_prod(axis, axis, axis, axis)
+    z = torch.cat([z, torch.randn(z.shape[0], dim - 4)], dim=-1).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        quantized, indices = quantizer(z)
+        assert dim == 4 or quantizer.project_in(z).dtype == torch.bfloat16
+    assert indices.unique().numel() == 1000
+    assert indices.min() == 0 and indices.max() == 999
+    quantized.float().sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_return_indices_false_skips_index_work_for_large_codebooks() -> None:
+    quantizer = FSQ(levels=[4] * 16, return_indices=False)
+    quantized, indices = quantizer(torch.randn(2, 9, 16))
+    assert indices is None
+    assert set(quantized.unique().tolist()) <= {-1.0, -0.5, 0.0, 0.5}
