@@ -2,7 +2,7 @@
 
 from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
 from src.quantizers.fsq import FSQ, FSQOutput
-from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
+from src.quantizers.lfq import BSQ, LFQ, LFQOutput
 from src.quantizers.registry import (
     UnknownQuantizerError,
     build_quantizer,
@@ -10,17 +10,15 @@ from src.quantizers.registry import (
     register_quantizer,
     registered_quantizers,
 )
-from src.quantizers.simvq import SimVQ, SimVQOutput
 from src.quantizers.vector_quantize import VectorQuantize, VQOutput
 
 __all__ = [
+    "BSQ",
     "FSQ",
     "Communicator",
     "FSQOutput",
-    "LatentQuantize",
-    "LatentQuantizeOutput",
-    "SimVQ",
-    "SimVQOutput",
+    "LFQ",
+    "LFQOutput",
     "SingleProcess",
     "UnknownQuantizerError",
     "VQOutput",

@@ -117,10 +117,64 @@ def test_wrong_codebook_dim_and_dtype() -> None:
         metric.update(torch.zeros(5, 2))
 
 
-def test_huge_codebook_rejected() -> None:
+def test_huge_codebook_is_counted_sparsely() -> None:
     with pytest.raises(ValueError, match="exact per-code counts are not supported"):
-        CodebookUsage(codebook_size=2**24 + 1)
+        CodebookUsage(codebook_size=2**24 + 1, sparse=False)
+    metric = CodebookUsage(codebook_size=2**32, num_codebooks=2)
+    assert metric.sparse
+    indices = torch.tensor([[0, 2**32 - 1], [0, 5], [7, -1]])
+    metric.update(indices)
+    out = metric.compute()
+    torch.testing.assert_close(
+        out["dead_codes_per_codebook"],
+        torch.tensor([2**32 - 2, 2**32 - 2], dtype=torch.float32),
+    )
+    torch.testing.assert_close(
+        out["utilization_per_codebook"], torch.tensor([2 / 2**32, 2 / 2**32])
+    )
+    expected = math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3)))
+    torch.testing.assert_close(out["perplexity_per_codebook"], torch.tensor([expected, 2.0]))
+    assert "code_frequencies" not in out
     CodebookUsage(codebook_size=2**10, num_codebooks=2)
+
+
+@pytest.mark.parametrize(("size", "num_codebooks"), [(7, 1), (300, 3)])
+def test_sparse_equals_dense(size: int, num_codebooks: int) -> None:
+    """Same values as dense counting, across many updates (so merges happen) and masking."""
+    gen = torch.Generator().manual_seed(size)
+    dense = CodebookUsage(codebook_size=size, num_codebooks=num_codebooks)
+    sparse = CodebookUsage(codebook_size=size, num_codebooks=num_codebooks, sparse=True)
+    sparse.merge_floor = 64
+    for step in range(40):
+        batch = (torch.rand(50 + step, num_codebooks, generator=gen) ** 3 * size).long()
+        batch[torch.rand(batch.shape, generator=gen) < 0.1] = -1
+        dense.update(batch)
+        sparse.update(batch)
+    want, got = dense.compute(), sparse.compute()
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], msg=name)
+    assert len(sparse.seen_keys) < 40  # pending pairs were merged along the way
+
+
+def test_sparse_memory_is_bounded_by_codes_seen() -> None:
+    metric = CodebookUsage(codebook_size=2**32)
+    metric.merge_floor = 1000
+    for _ in range(200):  # the same 100 codes again and again: 20,000 keys without merging
+        metric.update(torch.arange(100) * 2**20)
+        assert sum(k.numel() for k in metric.seen_keys) <= 100 + 1000
+    assert metric.compute()["dead_codes"].item() == pytest.approx(2**32 - 100)
+
+
+def test_sparse_counts_are_summed_across_ranks() -> None:
+    indices = torch.randint(-1, 8, (100, 2)) * 2**28
+    indices[indices < 0] = -1
+    rank0, rank1, single = (CodebookUsage(codebook_size=2**31, num_codebooks=2) for _ in range(3))
+    rank0.update(indices[:30])
+    rank1.update(indices[30:])
+    rank0.merge_state(rank1)
+    single.update(indices)
+    for name, value in single.compute().items():
+        torch.testing.assert_close(rank0.compute()[name], value, msg=name)
 
 
 def test_counts_are_summed_across_ranks() -> None:
