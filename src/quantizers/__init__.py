@@ -3,6 +3,7 @@
 from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
 from src.quantizers.fsq import FSQ, FSQOutput
 from src.quantizers.lfq import BSQ, LFQ, LFQOutput
+from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
 from src.quantizers.registry import (
     UnknownQuantizerError,
     build_quantizer,
@@ -10,6 +11,7 @@ from src.quantizers.registry import (
     register_quantizer,
     registered_quantizers,
 )
+from src.quantizers.simvq import SimVQ, SimVQOutput
 from src.quantizers.vector_quantize import VectorQuantize, VQOutput
 
 __all__ = [
@@ -19,6 +21,10 @@ __all__ = [
     "FSQOutput",
     "LFQ",
     "LFQOutput",
+    "LatentQuantize",
+    "LatentQuantizeOutput",
+    "SimVQ",
+    "SimVQOutput",
     "SingleProcess",
     "UnknownQuantizerError",
     "VQOutput",
