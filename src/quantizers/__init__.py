@@ -2,8 +2,8 @@
 
 from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
 from src.quantizers.fsq import FSQ, FSQOutput
-from src.quantizers.lfq import BSQ, LFQ, LFQOutput
 from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
+from src.quantizers.lfq import BSQ, LFQ, LFQOutput
 from src.quantizers.registry import (
     UnknownQuantizerError,
     build_quantizer,
@@ -17,9 +17,9 @@ from src.quantizers.vector_quantize import VectorQuantize, VQOutput
 __all__ = [
     "BSQ",
     "FSQ",
+    "LFQ",
     "Communicator",
     "FSQOutput",
-    "LFQ",
     "LFQOutput",
     "LatentQuantize",
     "LatentQuantizeOutput",
