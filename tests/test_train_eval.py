@@ -10,6 +10,7 @@ import torch
 
 from eval import evaluate
 from src.callbacks.config_in_checkpoint import CONFIG_KEY
+from src.models.quantizer_adapter import bottleneck_quantizers
 from src.quantizers import UnknownQuantizerError, registered_quantizers
 from tests.conftest import compose_config
 from tests.helpers import QUICK, last_logged, read_metrics_csv, run_script
@@ -25,12 +26,22 @@ VAL_METRICS = [
 ]
 
 
-@pytest.mark.parametrize("name", registered_quantizers())
+@pytest.mark.parametrize("name", bottleneck_quantizers())
 def test_every_registered_quantizer_trains_with_fast_dev_run(name: str, train_config) -> None:
     cfg = train_config(f"quantizer={name}", "debug=fdr", "extras.print_config=false")
     metrics = train(cfg)
     assert math.isfinite(metrics["test/psnr"])
     assert 0.0 < metrics["test/codebook/utilization"] <= 1.0
+
+
+def test_index_only_quantizer_is_a_clear_error(tmp_path: Path) -> None:
+    assert "rpq" in registered_quantizers() and "rpq" not in bottleneck_quantizers()
+    result = run_script("train.py", "quantizer=rpq", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert "rpq produces only indices" in result.stderr
+    assert "cannot sit between encoder and decoder" in result.stderr
+    assert "rvq" in result.stderr.split("pick one of:")[-1]
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_train_writes_checkpoints_metrics_and_grids(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from src.quantizers import build_quantizer
+from src.quantizers import build_quantizer, quantizer_class, registered_quantizers
 
 
 class QuantizedLatents(NamedTuple):
@@ -25,8 +25,23 @@ def build_latent_quantizer(config: dict[str, Any], latent_dim: int) -> nn.Module
     name = kwargs.pop("name", None)
     if name is None:
         raise ValueError("quantizer config needs a `name` key, e.g. `name: fsq`")
+    if not produces_quantized(name):
+        raise ValueError(
+            f"{name} produces only indices (targets for masked prediction); it cannot sit "
+            "between encoder and decoder; pick one of: " + ", ".join(bottleneck_quantizers())
+        )
     kwargs.setdefault("dim", latent_dim)
     return build_quantizer(name, **kwargs)
+
+
+def produces_quantized(name: str) -> bool:
+    """Whether the quantizer returns quantized latents (a bottleneck), not only indices."""
+    return bool(getattr(quantizer_class(name), "produces_quantized", True))
+
+
+def bottleneck_quantizers() -> list[str]:
+    """Registered names that can sit between an encoder and a decoder."""
+    return [name for name in registered_quantizers() if produces_quantized(name)]
 
 
 def tokens_by_codebook(indices: Tensor, batch: int, tokens: int) -> Tensor:

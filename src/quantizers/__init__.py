@@ -4,12 +4,21 @@ from src.quantizers.communicator import Communicator, SingleProcess, install_com
 from src.quantizers.fsq import FSQ, FSQOutput
 from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
 from src.quantizers.lfq import BSQ, LFQ, LFQOutput
+from src.quantizers.random_projection import RandomProjectionQuantizer
 from src.quantizers.registry import (
     UnknownQuantizerError,
     build_quantizer,
     quantizer_class,
     register_quantizer,
     registered_quantizers,
+)
+from src.quantizers.residual import ResidualStack, ResidualStackOutput
+from src.quantizers.residual_vq import (
+    GroupedResidualVQ,
+    ResidualVQ,
+    ResidualVQCodesOutput,
+    ResidualVQOutput,
+    SharedResidualVQ,
 )
 from src.quantizers.simvq import SimVQ, SimVQOutput
 from src.quantizers.vector_quantize import VectorQuantize, VQOutput
@@ -20,9 +29,17 @@ __all__ = [
     "LFQ",
     "Communicator",
     "FSQOutput",
+    "GroupedResidualVQ",
     "LFQOutput",
     "LatentQuantize",
     "LatentQuantizeOutput",
+    "RandomProjectionQuantizer",
+    "ResidualStack",
+    "ResidualStackOutput",
+    "ResidualVQ",
+    "ResidualVQCodesOutput",
+    "ResidualVQOutput",
+    "SharedResidualVQ",
     "SimVQ",
     "SimVQOutput",
     "SingleProcess",

@@ -1,0 +1,277 @@
+"""Residual VQ (SoundStream, Zeghidour et al. 2021), its shared-codebook RQ-VAE form (Lee et al.
+2022) and grouped residual VQ (HiFi-Codec, Yang et al. 2023), over `VectorQuantize` layers.
+
+The generic machinery lives in `residual.py` (the stack) and `grouped.py` (the groups); this
+file only builds VectorQuantize layers, projects in and out once, and handles input layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from src.quantizers.communicator import Distributable
+from src.quantizers.grouped import GroupedResidual
+from src.quantizers.registry import register_quantizer
+from src.quantizers.residual import ResidualStack
+from src.quantizers.vector_quantize import VectorQuantize
+
+_UPDATE_METHOD = "_update_codebook"  # VectorQuantize's hook for all EMA / dead-code changes
+
+
+class ResidualVQOutput(NamedTuple):
+    """quantized (input layout), indices (..., Q) with -1 for dropped layers, loss (1, Q)."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+class ResidualVQCodesOutput(NamedTuple):
+    """As ResidualVQOutput plus the codes each depth used (Q, ..., codebook_dim), zero where
+    dropped; they carry the estimator's gradient, like `quantized`."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    all_codes: Tensor
+
+
+def _concat_calls(values: list[Any]) -> Any:
+    if all(v is None for v in values):
+        return None
+    if all(isinstance(v, Tensor) for v in values):
+        return torch.cat(values, dim=0)
+    if all(v == values[0] for v in values):
+        return values[0]
+    raise ValueError("deferred codebook updates got arguments that cannot be pooled")
+
+
+@contextmanager
+def pooled_vq_updates(vq: nn.Module) -> Iterator[None]:
+    """Collect a shared VectorQuantize's codebook updates over several calls, apply them once.
+
+    Every call's (latents, indices, valid) are concatenated along the token axis, so the EMA
+    takes one step with the statistics of all depths together (and dead codes are replaced
+    from all depths' residuals), exactly as if the depths were one big batch. The codebook
+    stays fixed within the pass, so all depths quantize against the same codes.
+    """
+    calls: list[tuple[tuple, dict]] = []
+    vq.__dict__[_UPDATE_METHOD] = lambda *args, **kwargs: calls.append((args, kwargs))
+    try:
+        yield
+    finally:
+        del vq.__dict__[_UPDATE_METHOD]
+    if calls:
+        args = [_concat_calls(list(vals)) for vals in zip(*(c[0] for c in calls), strict=True)]
+        kwargs = {k: _concat_calls([c[1][k] for c in calls]) for k in calls[0][1]}
+        getattr(vq, _UPDATE_METHOD)(*args, **kwargs)
+
+
+@register_quantizer("rvq")
+class ResidualVQ(Distributable):
+    """`num_quantizers` VectorQuantize layers on successive residuals, with the guide's API.
+
+    Input `(batch, seq, dim)`, or with `accept_image_fmap=True` channel-first
+    `(batch, dim, height, width)` / `(batch, dim, time, height, width)`. When `codebook_dim`
+    differs from `dim` the input is projected once into codebook space and the sum projected
+    back. Other keywords (decay, kmeans_init, use_cosine_sim, stochastic sampling, ...) go to
+    every VectorQuantize layer; `shared_codebook=True` uses one layer at every depth.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        codebook_dim: int | None = None,
+        shared_codebook: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        accept_image_fmap: bool = False,
+        **vq_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(codebook_size, int) or codebook_size < 1:
+            raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
+        codebook_dim = dim if codebook_dim is None else codebook_dim
+        self.dim = dim
+        self.codebook_dim = codebook_dim
+        self.codebook_size = codebook_size
+        self.num_quantizers = num_quantizers
+        self.num_codebooks = num_quantizers
+        self.shared_codebook = shared_codebook
+        self.accept_image_fmap = accept_image_fmap
+
+        projected = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if projected else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if projected else nn.Identity()
+
+        def make_layer() -> VectorQuantize:
+            return VectorQuantize(
+                dim=codebook_dim, codebook_size=codebook_size, codebook_dim=codebook_dim,
+                **vq_kwargs,
+            )  # fmt: skip
+
+        if shared_codebook and not callable(getattr(VectorQuantize, _UPDATE_METHOD, None)):
+            raise RuntimeError(f"shared_codebook needs VectorQuantize.{_UPDATE_METHOD}")
+        self.stack = ResidualStack(
+            [make_layer()] if shared_codebook else [make_layer() for _ in range(num_quantizers)],
+            depth=num_quantizers if shared_codebook else None,
+            quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            defer_updates=pooled_vq_updates if shared_codebook else None,
+        )
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The VectorQuantize used at each depth (the same object repeated when shared)."""
+        return [self.stack.layer(i) for i in range(self.num_quantizers)]
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(num_quantizers, codebook_size, codebook_dim) float32 codebooks, one per depth."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
+        """Quantize-dropout depth for this training step, agreed across ranks (None: all)."""
+        return self.stack.draw_num_kept(device)
+
+    # ---- layout ---------------------------------------------------------------------------
+
+    def _to_tokens(self, x: Tensor) -> Tensor:
+        """Input layout -> (batch, tokens, dim), validating rank and feature size."""
+        if self.accept_image_fmap:
+            if x.ndim not in (4, 5) or x.shape[1] != self.dim:
+                raise ValueError(
+                    f"{type(self).__name__}(accept_image_fmap=True) expects (batch, "
+                    f"dim={self.dim}, height, width) or (batch, dim, time, height, width) "
+                    f"input, got shape {tuple(x.shape)}"
+                )
+            return x.movedim(1, -1).reshape(x.shape[0], -1, self.dim)
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{type(self).__name__} expects (batch, seq, dim={self.dim}) input, got shape "
+                f"{tuple(x.shape)}; pass accept_image_fmap=True for (batch, dim, height, width)"
+            )
+        return x
+
+    def _token_shape(self, x: Tensor) -> tuple[int, ...]:
+        """Shape of one index per token position: (batch, seq) or (batch, [time,] h, w)."""
+        return (x.shape[0], *x.shape[2:]) if self.accept_image_fmap else tuple(x.shape[:2])
+
+    def _from_tokens(self, tokens: Tensor, token_shape: tuple[int, ...]) -> Tensor:
+        out = tokens.reshape(*token_shape, tokens.shape[-1])
+        return out.movedim(-1, 1) if self.accept_image_fmap else out
+
+    # ---- forward / decode -----------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        *,
+        num_kept: int | None = None,
+        **layer_kwargs: Any,
+    ) -> ResidualVQOutput | ResidualVQCodesOutput:
+        """Quantize `x`; `mask` (True = valid) has the indices' shape without the Q axis.
+
+        `num_kept` forces the quantize-dropout depth (GroupedResidualVQ uses it so all groups
+        agree); other keywords (e.g. `sample_codebook_temp`) go to every VectorQuantize call.
+        """
+        token_shape = self._token_shape(x)
+        tokens = self._to_tokens(x)
+        if mask is not None:
+            if tuple(mask.shape) != token_shape:
+                raise ValueError(
+                    f"mask must have shape {token_shape} (True = valid), got {tuple(mask.shape)}"
+                )
+            layer_kwargs["mask"] = mask.reshape(tokens.shape[0], -1).bool()
+        stacked = self.stack(
+            self.project_in(tokens),
+            num_kept=num_kept,
+            return_all_codes=return_all_codes,
+            **layer_kwargs,
+        )
+        out = self.project_out(stacked.quantized)
+        if isinstance(self.project_out, nn.Identity):
+            out = out.to(x.dtype)
+        if mask is not None:
+            out = out.masked_fill(~layer_kwargs["mask"].unsqueeze(-1), 0.0)
+        quantized = self._from_tokens(out, token_shape)
+        indices = stacked.indices.reshape(*token_shape, self.num_quantizers)
+        loss = stacked.losses
+        if not return_all_codes:
+            return ResidualVQOutput(quantized, indices, loss)
+        all_codes = stacked.all_codes.reshape(self.num_quantizers, *token_shape, -1)
+        return ResidualVQCodesOutput(quantized, indices, loss, all_codes)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """(Q, *indices.shape[:-1], codebook_dim) codes before project_out; -1 gives zeros.
+
+        Fewer than Q trailing indices are allowed: the missing finer layers count as dropped.
+        """
+        return self.stack.get_codes_from_indices(indices)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """Decode (..., Q) indices to the eval forward's output, in the input layout."""
+        summed = self.project_out(self.stack.get_output_from_indices(indices))
+        return summed.movedim(-1, 1) if self.accept_image_fmap else summed
+
+
+@register_quantizer("grvq")
+class GroupedResidualVQ(GroupedResidual):
+    """`groups` ResidualVQs, each over its own `dim // groups` slice of the features.
+
+    Indices (groups, batch, seq, Q) and losses (groups, 1, Q); all keywords but `dim`,
+    `groups` and `accept_image_fmap` go to every ResidualVQ. All groups share one
+    quantize-dropout depth per step.
+    """
+
+    def __init__(
+        self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any
+    ) -> None:
+        if groups < 1 or dim % groups != 0:
+            raise ValueError(f"dim={dim} must be divisible by groups={groups}")
+        rvqs = [
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+            for _ in range(groups)
+        ]
+        super().__init__(rvqs, dim=dim, split_dim=1 if accept_image_fmap else -1)
+        self.accept_image_fmap = accept_image_fmap
+        self.codebook_size = rvqs[0].codebook_size
+        self.num_quantizers = rvqs[0].num_quantizers
+        self.num_codebooks = groups * self.num_quantizers
+
+    @property
+    def rvqs(self) -> nn.ModuleList:
+        return self.groups
+
+    @property
+    def codebooks(self) -> Tensor:
+        """(groups, Q, codebook_size, codebook_dim)."""
+        return torch.stack([rvq.codebooks for rvq in self.groups])
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False, **kwargs: Any
+    ) -> ResidualVQOutput | ResidualVQCodesOutput:
+        """quantized like `x`; indices (G, ..., Q); loss (G, 1, Q); all_codes (G, Q, ..., d)."""
+        return super().forward(x, mask=mask, return_all_codes=return_all_codes, **kwargs)
+
+
+@register_quantizer("rvq_shared")
+class SharedResidualVQ(ResidualVQ):
+    """ResidualVQ with one codebook for all depths (RQ-VAE); `shared_codebook` defaults on."""
+
+    def __init__(self, *, shared_codebook: bool = True, **kwargs: Any) -> None:
+        super().__init__(shared_codebook=shared_codebook, **kwargs)
