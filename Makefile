@@ -16,7 +16,7 @@ else
 MARKERS := -m "not slow"
 endif
 
-.PHONY: install train test test-slow lint format clean
+.PHONY: install train test test-slow lint format clean audio-data train-audio
 
 install: $(STAMP)
 
@@ -28,6 +28,21 @@ $(STAMP): pyproject.toml
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
+
+# The offline speech of the audio experiments (train.py experiment=audio_rvq): Debian's
+# asterisk-core-sounds-en-wav; installed with apt-get when missing (needs root).
+ALLISON_DIR := /usr/share/asterisk/sounds/en_US_f_Allison
+audio-data:
+	@test -d $(ALLISON_DIR) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update && apt-get install -y asterisk-core-sounds-en-wav; \
+	  else \
+	    echo "missing $(ALLISON_DIR): run 'sudo apt-get install asterisk-core-sounds-en-wav'" >&2; \
+	    exit 1; \
+	  fi; }
+
+train-audio: $(STAMP) audio-data
+	$(PY) train.py experiment=audio_rvq $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(MARKERS) $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 """Lightning callbacks: media written to the run directory, config stored in checkpoints."""
 
+from src.callbacks.audio_reconstructions import AudioReconstructions
 from src.callbacks.config_in_checkpoint import ConfigInCheckpoint
 from src.callbacks.reconstruction_grid import ReconstructionGrid
 
-__all__ = ["ConfigInCheckpoint", "ReconstructionGrid"]
+__all__ = ["AudioReconstructions", "ConfigInCheckpoint", "ReconstructionGrid"]

@@ -16,8 +16,16 @@ def check_quantizer_config(config: DictConfig) -> None:
 
 
 def model_overrides(config: DictConfig, datamodule: object) -> dict[str, object]:
-    """Model keywords left null in config that the datamodule knows (e.g. image channels)."""
+    """Model keywords left null in config that the datamodule knows (image channels, audio
+    sample rate)."""
     overrides: dict[str, object] = {}
     if "in_channels" in config.model and config.model.in_channels is None:
         overrides["in_channels"] = datamodule.num_channels
+    if "sample_rate" in config.model and config.model.sample_rate is None:
+        if not hasattr(datamodule, "sample_rate"):
+            raise ValueError(
+                f"model.sample_rate is null and {type(datamodule).__name__} has no sample_rate: "
+                "the audio tokenizer needs an audio datamodule (e.g. data=allison_speech)"
+            )
+        overrides["sample_rate"] = datamodule.sample_rate
     return overrides

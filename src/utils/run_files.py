@@ -8,7 +8,7 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from src.callbacks import ReconstructionGrid
+from src.callbacks import AudioReconstructions, ReconstructionGrid
 
 
 def run_files(trainer: Trainer) -> dict[str, Path | None]:
@@ -26,7 +26,8 @@ def run_files(trainer: Trainer) -> dict[str, Path | None]:
         if isinstance(logger, CSVLogger):
             files["metrics csv"] = Path(logger.log_dir) / "metrics.csv"
     for callback in trainer.callbacks:
-        if isinstance(callback, ReconstructionGrid) and callback.last_path is not None:
+        is_media = isinstance(callback, (ReconstructionGrid, AudioReconstructions))
+        if is_media and callback.last_path is not None:
             files["reconstructions"] = callback.last_path
     return files
 

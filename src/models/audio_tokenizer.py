@@ -1,0 +1,209 @@
+"""The audio tokenizer: 1-D conv encoder -> quantizer over time -> decoder, trained by Lightning."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor, nn
+from torchaudio.transforms import MelSpectrogram
+from torchmetrics import MeanMetric
+
+from src.metrics import CodebookUsage
+from src.models.audio_losses import (
+    LOG_EPS,
+    MultiResolutionSTFTLoss,
+    MultiScaleMelLoss,
+    bitrate_kbps,
+    si_snr,
+)
+from src.models.conv1d import ConvDecoder1d, ConvEncoder1d
+from src.models.image_tokenizer import codebook_log_values
+from src.models.quantizer_adapter import (
+    QuantizedLatents,
+    build_latent_quantizer,
+    quantize_latent_map,
+)
+from src.models.schedules import warmup_cosine
+from src.models.strategy_communicator import StrategyCommunicator
+from src.quantizers import install_communicator
+
+EPOCH_METRICS = (
+    "loss",
+    "recon_loss",
+    "quantizer_loss",
+    "waveform_loss",
+    "mel_loss",
+    "stft_loss",
+    "si_snr",
+    "mel_distance",
+)
+
+
+class AudioTokenizer(LightningModule):
+    """Learns discrete tokens of mono waveforms (B, 1, T); logs SI-SNR, mel distance, bitrate
+    and codebook usage per epoch.
+
+    Loss = waveform_weight * L1 + mel_weight * multi-scale mel + stft_weight * multi-resolution
+    STFT + the quantizer's own losses (as for images).
+    """
+
+    def __init__(
+        self,
+        quantizer: dict[str, Any],
+        sample_rate: int,
+        latent_dim: int = 64,
+        channels: int = 32,
+        strides: Sequence[int] = (2, 4, 5, 8),
+        dilations: Sequence[int] = (1, 3, 9),
+        causal: bool = False,
+        waveform_weight: float = 1.0,
+        mel_weight: float = 1.0,
+        stft_weight: float = 1.0,
+        mel_n_ffts: Sequence[int] = (256, 512, 1024),
+        mel_n_mels: int = 40,
+        stft_fft_sizes: Sequence[int] = (128, 256, 512),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = ConvEncoder1d(1, latent_dim, channels, strides, dilations, causal)
+        self.decoder = ConvDecoder1d(1, latent_dim, channels, strides, dilations, causal)
+        self.quantizer = build_latent_quantizer(quantizer, latent_dim)
+        self.codebook_size = int(self.quantizer.codebook_size)
+        self.num_codebooks = int(getattr(self.quantizer, "num_codebooks", 1))
+        self.hop = self.encoder.hop
+        self.frame_rate = sample_rate / self.hop
+        self.bitrate_kbps = bitrate_kbps(self.num_codebooks, self.codebook_size, self.frame_rate)
+        self.mel_loss = MultiScaleMelLoss(sample_rate, mel_n_ffts, mel_n_mels)
+        self.stft_loss = MultiResolutionSTFTLoss(stft_fft_sizes)
+        # one fixed resolution for the mel-distance metric, whatever the loss scales are
+        self.mel_metric = MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
+        self.train_metrics = self._make_stage_metrics()
+        self.val_metrics = self._make_stage_metrics()
+        self.test_metrics = self._make_stage_metrics()
+
+    def _make_stage_metrics(self) -> nn.ModuleDict:
+        metrics: dict[str, nn.Module] = {name: MeanMetric() for name in EPOCH_METRICS}
+        metrics["codebook"] = CodebookUsage(self.codebook_size, self.num_codebooks)
+        return nn.ModuleDict(metrics)
+
+    def metrics_for(self, stage: str) -> nn.ModuleDict:
+        return getattr(self, f"{stage}_metrics")
+
+    def setup(self, stage: str) -> None:
+        """Hand the quantizer a communicator over the trainer's strategy (no-op on one process)."""
+        install_communicator(self.quantizer, StrategyCommunicator(self.trainer.strategy))
+
+    def check_waveforms(self, waveforms: Tensor) -> None:
+        """Fail with the expected layout instead of a shape error deep inside a convolution."""
+        if waveforms.ndim != 3 or waveforms.shape[1] != 1 or not waveforms.is_floating_point():
+            raise ValueError(
+                "AudioTokenizer expects float mono waveforms shaped (batch, 1, samples); got "
+                f"{waveforms.dtype} {tuple(waveforms.shape)}"
+            )
+
+    def encode(self, waveforms: Tensor) -> QuantizedLatents:
+        """(B, 1, T) -> latents (B, C, ceil(T / hop)); the input is zero-padded to whole frames."""
+        self.check_waveforms(waveforms)
+        padding = -waveforms.shape[-1] % self.hop
+        return quantize_latent_map(self.quantizer, self.encoder(F.pad(waveforms, (0, padding))))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents (B, C, F) -> waveforms (B, 1, F * hop)."""
+        return self.decoder(latents)
+
+    def forward(self, waveforms: Tensor) -> tuple[Tensor, QuantizedLatents]:
+        quantized = self.encode(waveforms)
+        return self.decode(quantized.latents)[..., : waveforms.shape[-1]], quantized
+
+    def mel_distance(self, estimate: Tensor, target: Tensor) -> Tensor:
+        """Mean |log mel(estimate) - log mel(target)| per clip (512-point FFT, 64 mels)."""
+        a = (self.mel_metric(estimate.float().squeeze(1)) + LOG_EPS).log()
+        b = (self.mel_metric(target.float().squeeze(1)) + LOG_EPS).log()
+        return (a - b).abs().flatten(1).mean(1)
+
+    def _shared_step(self, waveforms: Tensor, stage: str) -> dict[str, Tensor]:
+        reconstructions, quantized = self(waveforms)
+        hp = self.hparams
+        parts = {
+            "waveform_loss": F.l1_loss(reconstructions.float(), waveforms.float()),
+            "mel_loss": self.mel_loss(reconstructions, waveforms),
+            "stft_loss": self.stft_loss(reconstructions, waveforms),
+        }
+        recon_loss = (
+            hp.waveform_weight * parts["waveform_loss"]
+            + hp.mel_weight * parts["mel_loss"]
+            + hp.stft_weight * parts["stft_loss"]
+        )
+        loss = recon_loss + quantized.aux_loss
+        metrics = self.metrics_for(stage)
+        batch = waveforms.shape[0]
+        values = {"loss": loss, "recon_loss": recon_loss, "quantizer_loss": quantized.aux_loss}
+        for name, value in (values | parts).items():
+            metrics[name].update(value.detach(), weight=batch)
+        detached = reconstructions.detach()
+        metrics["si_snr"].update(si_snr(detached.squeeze(1), waveforms.squeeze(1)))
+        metrics["mel_distance"].update(self.mel_distance(detached, waveforms))
+        if quantized.indices is not None:
+            metrics["codebook"].update(quantized.indices)
+        return {"loss": loss, "inputs": waveforms, "reconstructions": detached}
+
+    def training_step(self, waveforms: Tensor, batch_idx: int) -> Tensor:
+        out = self._shared_step(waveforms, "train")
+        self.log("train/loss_step", out["loss"].detach(), prog_bar=True, batch_size=len(waveforms))
+        return out["loss"]
+
+    def validation_step(self, waveforms: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        return self._shared_step(waveforms, "val")
+
+    def test_step(self, waveforms: Tensor, batch_idx: int) -> dict[str, Tensor]:
+        return self._shared_step(waveforms, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def _log_epoch(self, stage: str) -> None:
+        """Epoch-level metrics (torchmetrics sums them over ranks), the bitrate, codebook usage."""
+        metrics = self.metrics_for(stage)
+        values = {f"{stage}/{name}": metrics[name].compute() for name in EPOCH_METRICS}
+        values[f"{stage}/bitrate_kbps"] = torch.tensor(self.bitrate_kbps)
+        if metrics["codebook"].update_count > 0:
+            values.update(codebook_log_values(stage, metrics["codebook"].compute()))
+        for metric in metrics.values():
+            metric.reset()
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (no decay on biases) with linear warmup and cosine decay, as for images."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(
+            optimizer, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
