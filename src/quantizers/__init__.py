@@ -13,6 +13,8 @@ from src.quantizers.registry import (
     registered_quantizers,
 )
 from src.quantizers.residual import ResidualStack, ResidualStackOutput
+from src.quantizers.residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput
+from src.quantizers.residual_simvq import ResidualSimVQ, ResidualSimVQOutput
 from src.quantizers.residual_vq import (
     GroupedResidualVQ,
     ResidualVQ,
@@ -29,11 +31,16 @@ __all__ = [
     "LFQ",
     "Communicator",
     "FSQOutput",
+    "GroupedResidualFSQ",
     "GroupedResidualVQ",
     "LFQOutput",
     "LatentQuantize",
     "LatentQuantizeOutput",
     "RandomProjectionQuantizer",
+    "ResidualFSQ",
+    "ResidualFSQOutput",
+    "ResidualSimVQ",
+    "ResidualSimVQOutput",
     "ResidualStack",
     "ResidualStackOutput",
     "ResidualVQ",

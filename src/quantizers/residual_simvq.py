@@ -1,0 +1,111 @@
+"""Residual SimVQ: SimVQ layers on successive residuals (each with its own frozen codebook and
+learned map), on the shared residual machinery of `src/quantizers/residual.py`."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from src.quantizers.registry import register_quantizer
+from src.quantizers.residual import ResidualStack
+from src.quantizers.simvq import SimVQ
+
+
+class ResidualSimVQOutput(NamedTuple):
+    """`indices` (..., num_quantizers), -1 where dropped; `loss` (num_quantizers,) per layer."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+
+
+@register_quantizer("rsimvq")
+class ResidualSimVQ(nn.Module):
+    """`num_quantizers` SimVQ layers, each quantizing what the previous ones left over.
+
+    Input is channel-last `(batch, ..., dim)`, or `(batch, dim, ...)` with
+    `channel_first=True`. Further keywords (`frozen_codebook_dim`, `commitment_weight`,
+    `input_to_quantize_commit_loss_weight`, `init_fn`, `codebook_transform`) go to every layer;
+    a `codebook_transform` module given here would be shared by all layers.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        **sim_vq_kwargs: object,
+    ) -> None:
+        super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1; got {num_quantizers}")
+        layers = [
+            SimVQ(
+                dim=dim, codebook_size=codebook_size, rotation_trick=rotation_trick, **sim_vq_kwargs
+            )
+            for _ in range(num_quantizers)
+        ]
+        self.stack = ResidualStack(
+            layers,
+            quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            decode="indices_to_codes",
+        )
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.num_quantizers = num_quantizers
+        self.num_codebooks = num_quantizers
+        self.channel_first = channel_first
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.stack.layers
+
+    @property
+    def codebooks(self) -> Tensor:
+        """The layers' searched codebooks, (num_quantizers, codebook_size, dim)."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
+        return self.stack.draw_num_kept(device)
+
+    def forward(self, x: Tensor, *, num_kept: int | None = None) -> ResidualSimVQOutput:
+        """Quantize `x`; indices (..., num_quantizers), per-layer losses (num_quantizers,)."""
+        self._check_input(x)
+        tokens = x.movedim(1, -1) if self.channel_first else x
+        token_shape = tokens.shape[:-1]
+        stacked = self.stack(tokens.reshape(1, -1, self.dim), num_kept=num_kept)
+        out = stacked.quantized.to(x.dtype).reshape(*token_shape, self.dim)
+        if self.channel_first:
+            out = out.movedim(-1, 1)
+        indices = stacked.indices.reshape(*token_shape, self.num_quantizers)
+        return ResidualSimVQOutput(out, indices, stacked.losses)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Per-layer codes (num_quantizers, ..., dim), channel-last; -1 gives zeros."""
+        flat = indices.reshape(1, -1, indices.shape[-1])
+        codes = self.stack.get_codes_from_indices(flat)
+        return codes.reshape(codes.shape[0], *indices.shape[:-1], self.dim)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """Decode indices (..., q <= num_quantizers) into forward's output (eval mode)."""
+        flat = indices.reshape(1, -1, indices.shape[-1])
+        out = self.stack.get_output_from_indices(flat).reshape(*indices.shape[:-1], self.dim)
+        return out.movedim(-1, 1) if self.channel_first else out
+
+    def _check_input(self, x: Tensor) -> None:
+        axis = 1 if self.channel_first else -1
+        if x.ndim < (3 if self.channel_first else 2) or x.shape[axis] != self.dim:
+            layout = "(batch, dim, ...)" if self.channel_first else "(batch, ..., dim)"
+            raise ValueError(
+                f"ResidualSimVQ expects {layout} input with dim={self.dim}; got {tuple(x.shape)}"
+            )
