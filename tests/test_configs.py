@@ -34,8 +34,9 @@ def test_train_config_composes_and_resolves(group: str, option: str, tmp_path: P
     cfg = compose_config("train", overrides, output_dir=tmp_path)
     resolved = resolve_all(cfg)
     assert resolved["model"]["quantizer"]["name"] in registered_quantizers()
-    if group == "quantizer":
-        assert resolved["model"]["quantizer"]["name"] == option
+    if group == "quantizer":  # a variant config `<name>_<what>.yaml` may reuse a name
+        name = resolved["model"]["quantizer"]["name"]
+        assert option == name or option.startswith(f"{name}_")
     if group == "data":
         assert resolved["data"]["_target_"].startswith("src.data.")
 

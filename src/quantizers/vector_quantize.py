@@ -1,60 +1,70 @@
 """Plain vector quantizer (VQ-VAE, van den Oord et al. 2017) with an EMA-updated codebook.
 
-Each token is replaced by its nearest codebook vector. The codebook follows an exponential
-moving average of the tokens assigned to it (or is learned by gradient), can be seeded by
-k-means on the first batch, and can revive dead codes from the current batch. Gradients reach
-the encoder through the rotation trick (default) or the straight-through estimator.
+Each token (or each of its `heads` slices) is replaced by its nearest codebook vector. The
+codebook follows an exponential moving average of the tokens assigned to it (or is learned by
+gradient), can be seeded by k-means on the first batch and can revive dead codes from the
+current batch. Gradients reach the encoder through the rotation trick (default) or the
+straight-through estimator. The codebook-state bookkeeping lives in `vq_state.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.quantizers.communicator import Distributable
 from src.quantizers.kernels import (
-    cluster_statistics,
+    code_scores_bias,
     kmeans,
     l2_normalize,
+    masked_mse,
     nearest_code,
     rotate_to,
     straight_through,
 )
 from src.quantizers.registry import register_quantizer
+from src.quantizers.vq_state import CodebookState
 
 
 class VQOutput(NamedTuple):
-    """`quantized` has the input's layout; `indices` is int64 (-1 where masked); `loss` is (1,)."""
+    """`quantized` has the input's layout; `indices` is int64, shaped like the token positions
+    plus a trailing heads axis when heads > 1 (-1 where masked); `loss` is (1,)."""
 
     quantized: Tensor
     indices: Tensor
     loss: Tensor
 
 
-def _masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
-    """Mean squared error over the rows of (N, D) tensors where `valid` is True."""
-    if valid is None:
-        return F.mse_loss(a, b)
-    sq = torch.where(valid.unsqueeze(-1), (a - b).pow(2), 0.0)
-    return sq.sum() / (valid.sum().clamp_min(1) * a.shape[-1])
-
-
 @register_quantizer("vq")
-class VectorQuantize(Distributable):
+class VectorQuantize(CodebookState):
     """Vector quantizer with the reference library's keywords, call forms and output shapes.
 
     Inputs are `(batch, seq, dim)` sequences (`(batch, dim, seq)` with `channel_last=False`)
-    or, with `accept_image_fmap=True`, channel-first `(batch, dim, height, width)` maps or
-    `(batch, dim, time, height, width)` videos. `mask` (True = valid) has the indices' shape.
+    or, with `accept_image_fmap=True` (or `accept_3d_fmap=True`), channel-first
+    `(batch, dim, height, width)` maps or `(batch, dim, time, height, width)` videos.
+    `mask` (True = valid) has the token positions' shape; `lens` (batch,) marks the first
+    `lens[b]` positions of a sequence valid. Masked positions take no part in the EMA, k-means,
+    dead-code revival or the loss; their indices are -1 and their outputs zero.
+
+    Heads: the projected token (width `heads * codebook_dim`) is cut into `heads` slices, each
+    quantized on its own, against one shared codebook or, with `separate_codebook_per_head`,
+    one codebook per head (`embed` is then (heads, codebook_size, codebook_dim)). Indices get
+    a trailing heads axis and `num_codebooks == heads` either way: every head emits one code
+    per position, so the usage metric reads one column per head (with a shared codebook all
+    columns index the same codes, and per-head usage still says how much of it each head uses).
 
     The codebook follows the EMA of its assigned tokens (`ema_update`); with
     `learnable_codebook=True` it is also an `nn.Parameter` trained by the codebook loss, and
     the usual choice is then `ema_update=False` (with both, every EMA step overwrites it).
+    `orthogonal_reg_weight > 0` adds the orthogonal regulariser (Shin et al. 2021) of the
+    normalised codebook to the loss and, as it needs gradients, makes the codebook learnable.
+    `stochastic_sample_codes` draws training codes from softmax(-distance / temperature).
     `freeze_codebook` stops all codebook changes, `kmeans_init` and dead-code revival included.
+    `sync_codebook` is accepted for compatibility and does nothing: whether statistics are
+    synchronised is decided at call time by the installed communicator (`set_communicator`),
+    which also covers a quantizer built before the process group existed.
     """
 
     def __init__(
@@ -62,84 +72,74 @@ class VectorQuantize(Distributable):
         dim: int,
         codebook_size: int,
         codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
         decay: float = 0.8,
         eps: float = 1e-5,
-        commitment_weight: float = 1.0,
+        freeze_codebook: bool = False,
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         use_cosine_sim: bool = False,
         threshold_ema_dead_code: float = 0,
-        accept_image_fmap: bool = False,
-        rotation_trick: bool = True,
-        learnable_codebook: bool = False,
-        ema_update: bool = True,
-        freeze_codebook: bool = False,
         channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        commitment_weight: float = 1.0,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: int | None = None,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        rotation_trick: bool = True,
+        sync_codebook: bool | None = None,
+        ema_update: bool = True,
+        learnable_codebook: bool = False,
     ) -> None:
-        super().__init__()
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        if dim < 1 or codebook_dim < 1 or codebook_size < 1:
+        if dim < 1 or codebook_dim < 1 or codebook_size < 1 or heads < 1:
             raise ValueError(
-                f"dim, codebook_dim and codebook_size must be positive, got {dim}, "
-                f"{codebook_dim}, {codebook_size}"
+                f"dim, codebook_dim, codebook_size and heads must be positive, got {dim}, "
+                f"{codebook_dim}, {codebook_size}, {heads}"
             )
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1], got {decay}")
         if kmeans_iters < 0 or threshold_ema_dead_code < 0 or eps <= 0:
             raise ValueError("kmeans_iters and threshold_ema_dead_code must be >= 0, eps > 0")
-
+        if sample_codebook_temp < 0 or orthogonal_reg_weight < 0:
+            raise ValueError("sample_codebook_temp and orthogonal_reg_weight must be >= 0")
+        super().__init__(
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+            num_books=heads if separate_codebook_per_head else 1,
+            kmeans_init=kmeans_init,
+            use_cosine_sim=use_cosine_sim,
+            learnable=learnable_codebook or orthogonal_reg_weight > 0,
+        )
         self.dim = dim
-        self.codebook_size = codebook_size
-        self.codebook_dim = codebook_dim
-        self.num_codebooks = 1
+        self.heads = heads
+        self.separate_codebook_per_head = separate_codebook_per_head
+        self.num_codebooks = heads
         self.decay = decay
         self.eps = eps
         self.commitment_weight = commitment_weight
-        self.kmeans_init = kmeans_init
         self.kmeans_iters = kmeans_iters
-        self.use_cosine_sim = use_cosine_sim
         self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.accept_image_fmap = accept_image_fmap
+        self.accept_image_fmap = accept_image_fmap or accept_3d_fmap
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.stochastic_sample_codes = stochastic_sample_codes
+        self.sample_codebook_temp = sample_codebook_temp
         self.rotation_trick = rotation_trick
-        self.learnable_codebook = learnable_codebook
+        self.sync_codebook = sync_codebook  # no effect; see the class docstring
         self.ema_update = ema_update
         self.freeze_codebook = freeze_codebook
         self.channel_last = channel_last
 
-        projected = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if projected else nn.Identity()
-
-        if kmeans_init:  # filled by k-means on the first training batch
-            embed = torch.zeros(codebook_size, codebook_dim)
-        else:
-            embed = nn.init.kaiming_uniform_(torch.empty(codebook_size, codebook_dim))
-            if use_cosine_sim:
-                embed = l2_normalize(embed)
-        if learnable_codebook:
-            self.embed = nn.Parameter(embed)
-        else:
-            self.register_buffer("embed", embed)
-        # cluster_size starts at 1 with embed_avg = embed, so embed_avg / cluster_size == embed
-        # and an unused code keeps its vector under EMA instead of collapsing towards zero.
-        self.register_buffer("cluster_size", torch.ones(codebook_size))
-        self.register_buffer("embed_avg", embed.clone())
-        self.register_buffer("initted", torch.tensor(not kmeans_init))
-
-    @property
-    def codebook(self) -> Tensor:
-        """The (codebook_size, codebook_dim) float32 codebook used for lookup."""
-        embed = self.embed.float()
-        return l2_normalize(embed) if self.use_cosine_sim else embed
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> VectorQuantize:
-        """Keep codebook state in float32 when the module is cast (e.g. `.half()`)."""
-        super()._apply(fn, recurse)
-        for name in ("embed", "cluster_size", "embed_avg"):
-            tensor = getattr(self, name)
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
-                tensor.data = tensor.data.float()
-        return self
+        inner = codebook_dim * heads
+        projected = inner != dim
+        self.project_in = nn.Linear(dim, inner) if projected else nn.Identity()
+        self.project_out = nn.Linear(inner, dim) if projected else nn.Identity()
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -173,160 +173,176 @@ class VectorQuantize(Distributable):
             return tokens.movedim(-1, 1)
         return tokens if self.channel_last else tokens.transpose(1, 2)
 
+    def _valid_rows(
+        self, mask: Tensor | None, lens: Tensor | None, positions: torch.Size
+    ) -> Tensor | None:
+        """(N,) bool of valid token positions from `mask` and/or `lens`, None if all valid."""
+        valid = None
+        if mask is not None:
+            if tuple(mask.shape) != tuple(positions):
+                raise ValueError(
+                    f"mask must have the indices' shape {tuple(positions)} without the heads "
+                    f"axis (True = valid), got {tuple(mask.shape)}"
+                )
+            valid = mask.bool()
+        if lens is not None:
+            if len(positions) != 2 or tuple(lens.shape) != (positions[0],):
+                raise ValueError(
+                    f"lens must be (batch,) = ({positions[0]},) lengths of (batch, seq) "
+                    f"sequences, got lens {tuple(lens.shape)} for positions {tuple(positions)}"
+                )
+            from_lens = torch.arange(positions[1], device=lens.device) < lens.unsqueeze(-1)
+            valid = from_lens if valid is None else valid & from_lens
+        return None if valid is None else valid.reshape(-1)
+
     # ---- lookup ---------------------------------------------------------------------------
 
-    def _lookup_codebook(self) -> Tensor:
-        """The codebook tokens are matched against; carries gradient only when learnable."""
-        codebook = self.codebook
-        if self.freeze_codebook or not self.learnable_codebook:
-            codebook = codebook.detach()
-        return codebook
+    def _lookup_codebook(self, frozen: bool | None = None) -> Tensor:
+        """(C*K, codebook_dim) float32 codebook; carries gradient only when learnable."""
+        frozen = self.freeze_codebook if frozen is None else frozen
+        codebook = self.codebook.reshape(-1, self.codebook_dim)
+        return codebook.detach() if frozen or not self.learnable_codebook else codebook
+
+    def _head_offsets(self, device: torch.device) -> Tensor | int:
+        """Added to a head's local index to address the stacked (C*K) codebook."""
+        if self.num_books == 1:
+            return 0
+        return torch.arange(self.heads, device=device) * self.codebook_size
 
     def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Codebook vectors (codebook_dim space), shape indices.shape + (codebook_dim,).
+        """Codebook vectors, heads concatenated: indices (..., [heads]) -> (..., heads·cb_dim).
 
         Index -1 (a masked position) gives a zero vector.
         """
-        codes = F.embedding(indices.clamp_min(0), self._lookup_codebook())
-        return codes.masked_fill((indices < 0).unsqueeze(-1), 0.0)
+        idx = indices if self.heads > 1 else indices.unsqueeze(-1)
+        if idx.shape[-1] != self.heads:
+            raise ValueError(f"indices must end in a heads axis of {self.heads}, got {idx.shape}")
+        flat = idx.clamp_min(0) + self._head_offsets(idx.device)
+        codes = F.embedding(flat, self._lookup_codebook()).masked_fill((idx < 0).unsqueeze(-1), 0)
+        return codes.reshape(*idx.shape[:-1], self.heads * self.codebook_dim)
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Decode indices to the forward output (after project_out, in the input layout)."""
         codes = self.get_codes_from_indices(indices)
         if isinstance(self.project_out, nn.Linear):
             codes = codes.to(self.project_out.weight.dtype)
-        out = self.project_out(codes).masked_fill((indices < 0).unsqueeze(-1), 0.0)
+        masked = (indices < 0) if self.heads == 1 else (indices < 0).any(-1)
+        out = self.project_out(codes).masked_fill(masked.unsqueeze(-1), 0.0)
         return self._from_tokens(out)
+
+    def _search(self, latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
+        """(N, heads) indices into the stacked (C*K, d) codebook for (N, heads, d) latents."""
+        bias = code_scores_bias(codebook, self.use_cosine_sim)
+        n, heads, d = latents.shape
+        if self.num_books == 1:
+            found = nearest_code(
+                latents.reshape(n * heads, d), codebook, temperature=temperature, bias=bias
+            )
+            return found.view(n, heads)
+        k = self.codebook_size
+        found = [
+            nearest_code(
+                latents[:, h],
+                codebook[h * k : (h + 1) * k],
+                temperature=temperature,
+                bias=bias[h * k : (h + 1) * k],
+            )
+            + h * k
+            for h in range(heads)
+        ]
+        return torch.stack(found, dim=-1)
 
     # ---- forward --------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> VQOutput:
-        """Quantize `x`; in training mode (and not frozen) also update the codebook state."""
-        tokens = self._to_tokens(x)
-        index_shape = tokens.shape[:-1]
-        valid = None
-        if mask is not None:
-            if tuple(mask.shape) != tuple(index_shape):
-                raise ValueError(
-                    f"mask must have the indices' shape {tuple(index_shape)} (True = valid), "
-                    f"got {tuple(mask.shape)}"
-                )
-            valid = mask.reshape(-1).bool()
+    def forward(
+        self,
+        x: Tensor,
+        indices: Tensor | None = None,
+        mask: Tensor | None = None,
+        lens: Tensor | None = None,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+    ) -> VQOutput:
+        """Quantize `x`; in training mode (and not frozen) also update the codebook state.
 
-        latents = self.project_in(tokens.reshape(-1, self.dim))
+        `indices` (the reference's cross-entropy commitment against given codes) is not
+        supported; `sample_codebook_temp` and `freeze_codebook` override the constructor's.
+        """
+        if indices is not None:
+            raise NotImplementedError("VectorQuantize(x, indices=...) is not supported")
+        tokens = self._to_tokens(x)
+        positions = tokens.shape[:-1]
+        valid = self._valid_rows(mask, lens, positions)
+        n, heads, d = positions.numel(), self.heads, self.codebook_dim
+
+        latents = self.project_in(tokens.reshape(n, self.dim)).float().view(n, heads, d)
         if self.use_cosine_sim:
             latents = l2_normalize(latents)
-        latents = latents.float()
 
-        update = self.training and not self.freeze_codebook
-        if update and self.kmeans_init and not bool(self.initted):
+        frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        update = self.training and not frozen
+        if update and self.kmeans_init and not self._is_initted():
             self._init_by_kmeans(latents.detach(), valid)
 
-        codebook = self._lookup_codebook()
-        indices = nearest_code(latents.detach(), codebook, self.use_cosine_sim)
-        codes = F.embedding(indices, codebook)
+        temp = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
+        temp = temp if self.training and self.stochastic_sample_codes else 0.0
+        codebook = self._lookup_codebook(frozen)
+        flat_idx = self._search(latents, codebook, temp)
+        codes = F.embedding(flat_idx, codebook)
 
-        loss = self.commitment_weight * _masked_mse(latents, codes.detach(), valid)
-        if self.learnable_codebook and not self.freeze_codebook:
-            loss = loss + _masked_mse(codes, latents.detach(), valid)
-
+        loss = self._loss(latents, codes, flat_idx, valid, frozen)
         estimator = rotate_to if self.rotation_trick else straight_through
-        out = self.project_out(estimator(latents, codes.detach()).to(x.dtype))
+        out = estimator(latents, codes.detach()).reshape(n, heads * d).to(x.dtype)
+        out = self.project_out(out)
 
         if update:
-            self._update_codebook(latents.detach(), indices, valid)
+            self._update_codebook(latents.detach(), flat_idx, valid)
 
+        local_idx = flat_idx - self._head_offsets(flat_idx.device)
         if valid is not None:
             out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
-            indices = indices.masked_fill(~valid, -1)
-        quantized = self._from_tokens(out.reshape(*index_shape, self.dim))
-        return VQOutput(quantized, indices.reshape(index_shape), loss.reshape(1))
+            local_idx = local_idx.masked_fill(~valid.unsqueeze(-1), -1)
+        quantized = self._from_tokens(out.reshape(*positions, self.dim))
+        index_shape = (*positions, heads) if heads > 1 else positions
+        return VQOutput(quantized, local_idx.reshape(index_shape), loss.reshape(1))
+
+    def _loss(
+        self, latents: Tensor, codes: Tensor, flat_idx: Tensor, valid: Tensor | None, frozen: bool
+    ) -> Tensor:
+        """Commitment (+ codebook when learnable) over valid positions and all heads, + ortho."""
+        loss = latents.new_zeros(())
+        if self.commitment_weight != 0:
+            loss = self.commitment_weight * masked_mse(latents, codes.detach(), valid)
+        if self.learnable_codebook and not frozen:
+            loss = loss + masked_mse(codes, latents.detach(), valid)
+        if self.orthogonal_reg_weight > 0:
+            loss = loss + self.orthogonal_reg_weight * self._orthogonal_loss(
+                flat_idx, valid, frozen
+            )
+        return loss
 
     # ---- codebook state -------------------------------------------------------------------
 
+    def _pools(self, latents: Tensor, valid: Tensor | None) -> Tensor:
+        """(C, M, d): the valid vectors each codebook may learn from (all heads if shared)."""
+        if valid is not None:
+            latents = latents[valid]
+        if self.num_books == 1:
+            return latents.reshape(1, -1, self.codebook_dim)
+        return latents.transpose(0, 1)
+
     @torch.no_grad()
     def _init_by_kmeans(self, latents: Tensor, valid: Tensor | None) -> None:
-        """Seed the codebook with k-means of this rank's batch, then take rank 0's result."""
-        samples = latents if valid is None else latents[valid]
-        comm = self.communicator
-        if samples.shape[0] == 0 and comm.world_size == 1:
+        """Seed each codebook with k-means of this rank's batch, then take rank 0's result."""
+        pools = self._pools(latents, valid)
+        if pools.shape[1] == 0 and self.communicator.world_size == 1:
             return  # nothing to learn from yet; try again on the next batch
-        if samples.shape[0] > 0:
-            centres, counts = kmeans(
-                samples, self.codebook_size, self.kmeans_iters, self.use_cosine_sim
-            )
-        else:  # this rank has no valid tokens but must still join the broadcast
-            centres, counts = self.embed.float(), self.cluster_size.new_zeros(self.codebook_size)
-        packed = comm.broadcast(torch.cat([centres, counts.unsqueeze(-1)], dim=-1), src=0)
-        centres, counts = packed[:, :-1], packed[:, -1]
-        self.embed.data.copy_(centres)
-        self.cluster_size.copy_(counts)
-        self.embed_avg.copy_(centres * counts.unsqueeze(-1))
-        self.initted.fill_(True)
-
-    @torch.no_grad()
-    def _update_codebook(self, latents: Tensor, indices: Tensor, valid: Tensor | None) -> None:
-        """EMA of cluster sizes (and, with ema_update, of codebook vectors), then dead codes."""
-        weights = None if valid is None else valid.float()
-        counts, sums = cluster_statistics(latents, indices, self.codebook_size, weights)
-        comm = self.communicator
-        if self.ema_update:  # one collective for both statistics
-            stats = comm.all_reduce(torch.cat([counts.unsqueeze(-1), sums], dim=-1), "sum")
-            counts, sums = stats[:, 0], stats[:, 1:]
-        else:
-            counts = comm.all_reduce(counts, "sum")
-
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1.0 - self.decay)
-        if self.ema_update:
-            self.embed_avg.mul_(self.decay).add_(sums, alpha=1.0 - self.decay)
-            size = self.cluster_size
-            total = size.sum()
-            # Laplace smoothing keeps every cluster size positive, so no division by zero.
-            smoothed = (size + self.eps) / (total + self.codebook_size * self.eps) * total
-            embed = torch.where(
-                (smoothed > 0).unsqueeze(-1),
-                self.embed_avg / smoothed.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1),
-                self.embed.float(),
-            )
-            if self.use_cosine_sim:
-                embed = l2_normalize(embed)
-            self.embed.data.copy_(embed)
-
-        if self.threshold_ema_dead_code > 0:
-            self._expire_dead_codes(latents, valid)
-
-    @torch.no_grad()
-    def _expire_dead_codes(self, latents: Tensor, valid: Tensor | None) -> None:
-        """Replace codes whose EMA cluster size fell below the threshold by batch vectors.
-
-        Vectors are drawn without replacement; with more dead codes than vectors only the
-        first `num_vectors` dead codes are replaced. cluster_size is identical on every rank
-        (its statistics are all-reduced), so all ranks agree on the dead set and join the
-        broadcast of rank 0's replacement rows.
-        """
-        threshold = self.threshold_ema_dead_code
-        dead = self.cluster_size < threshold
-        if not bool(dead.any()):
-            return
-        dead_idx = dead.nonzero().squeeze(-1)
-        samples = latents if valid is None else latents[valid]
-        num = min(dead_idx.numel(), samples.shape[0])
-        if num > 0:
-            rows = dead_idx[:num]
-            picked = samples[torch.randperm(samples.shape[0], device=samples.device)[:num]]
-            self.embed.data[rows] = picked.to(self.embed.dtype)
-            self.embed_avg[rows] = picked * threshold
-            self.cluster_size[rows] = threshold
-        state = torch.cat(
-            [
-                self.embed.data[dead_idx].float(),
-                self.embed_avg[dead_idx],
-                self.cluster_size[dead_idx].unsqueeze(-1),
-            ],
-            dim=-1,
-        )
-        state = self.communicator.broadcast(state, src=0)
-        d = self.codebook_dim
-        self.embed.data[dead_idx] = state[:, :d].to(self.embed.dtype)
-        self.embed_avg[dead_idx] = state[:, d : 2 * d]
-        self.cluster_size[dead_idx] = state[:, -1]
+        centres, counts = [], []
+        for c in range(self.num_books):
+            if pools.shape[1] > 0:
+                found = kmeans(pools[c], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
+            else:  # this rank has no valid tokens but must still join the broadcast
+                found = (self.books_embed()[c].float(), self.books_size()[c] * 0)
+            centres.append(found[0])
+            counts.append(found[1])
+        self._set_initial_state(torch.stack(centres), torch.stack(counts))

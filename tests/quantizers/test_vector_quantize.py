@@ -97,11 +97,6 @@ def test_bad_mask_shape_is_a_clear_error() -> None:
         vq(torch.randn(2, 3, 8), mask=torch.ones(2, 4, dtype=torch.bool))
 
 
-def test_later_issue_keywords_are_not_accepted() -> None:
-    with pytest.raises(TypeError):
-        VectorQuantize(dim=8, codebook_size=4, heads=2)  # type: ignore[call-arg]
-
-
 # ---- nearest search -------------------------------------------------------------------------
 
 

@@ -1,15 +1,28 @@
-"""Small tensor kernels shared by the quantizers: nearest-code search, k-means, rotation trick."""
+"""Small tensor kernels shared by the quantizers: nearest-code search, k-means, rotation trick,
+codebook-state arithmetic."""
 
+from src.quantizers.kernels.codebook_ops import (
+    dead_code_replacements,
+    masked_mse,
+    orthogonal_loss,
+    smoothed_codebook,
+)
 from src.quantizers.kernels.kmeans import cluster_statistics, kmeans, kmeans_plusplus_init
-from src.quantizers.kernels.nearest import l2_normalize, nearest_code
-from src.quantizers.kernels.rotation import rotate_to, straight_through
+from src.quantizers.kernels.nearest import code_scores_bias, l2_normalize, nearest_code
+from src.quantizers.kernels.rotation import rotate_to, rotation_grad, straight_through
 
 __all__ = [
     "cluster_statistics",
+    "code_scores_bias",
+    "dead_code_replacements",
     "kmeans",
     "kmeans_plusplus_init",
     "l2_normalize",
+    "masked_mse",
     "nearest_code",
+    "orthogonal_loss",
     "rotate_to",
+    "rotation_grad",
+    "smoothed_codebook",
     "straight_through",
 ]

@@ -1,4 +1,10 @@
-"""Nearest-code search, always in float32 so bf16/fp16 autocast cannot flip an argmin."""
+"""Nearest-code search, always in float32 so bf16/fp16 autocast cannot flip an argmin.
+
+The search maximises the score 2·x·c - |c|² (the negative squared distance up to the per-row
+constant |x|², which changes neither the argmax nor a softmax over codes). Rows go through in
+blocks small enough that each (rows, K) score block stays in cache while `max` scans it, one
+`addmm` per block and no (N, K) matrix kept: the search is never part of the autograd graph.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,12 @@ from torch import Tensor
 
 NORM_EPS = 1e-6  # floor on vector norms: zero vectors normalise to zero, not NaN
 
-# Upper bound on the (rows x codes) distance block held at once (2**28 floats = 1 GiB).
+# Upper bound on the (rows x codes) score block held at once (2**28 floats = 1 GiB).
 MAX_BLOCK_ELEMENTS = 2**28
+# Preferred block: about 1 MiB of scores, which fits in L2 so `max` reads it from cache;
+# never fewer rows than MIN_BLOCK_ROWS, where the matmul would lose efficiency.
+CACHE_BLOCK_ELEMENTS = 2**18
+MIN_BLOCK_ROWS = 64
 
 
 def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
@@ -17,14 +27,21 @@ def l2_normalize(x: Tensor, dim: int = -1) -> Tensor:
     return F.normalize(x, p=2.0, dim=dim, eps=NORM_EPS)
 
 
-def _nearest_block(x: Tensor, codebook: Tensor, code_sq: Tensor | None) -> Tensor:
-    if code_sq is None:  # cosine similarity: inputs and codes are unit vectors
-        return (x @ codebook.t()).argmax(dim=-1)
-    # ||x||^2 - 2 x.c + ||c||^2 with a single matmul; ||x||^2 does not change the argmin but
-    # keeps the values true squared distances, which is cheap and easier to reason about.
-    dist = torch.addmm(code_sq.unsqueeze(0), x, codebook.t(), beta=1.0, alpha=-2.0)
-    dist = dist + x.pow(2).sum(dim=-1, keepdim=True)
-    return dist.argmin(dim=-1)
+def code_scores_bias(codebook: Tensor, use_cosine_sim: bool) -> Tensor:
+    """The per-code term of the score: -|c|² (Euclidean) or 0 (cosine, unit rows), (K,)."""
+    if use_cosine_sim:
+        return codebook.new_zeros(codebook.shape[0])
+    return -codebook.pow(2).sum(dim=-1)
+
+
+def _block_argmax(x: Tensor, codebook_t: Tensor, bias: Tensor, temperature: float) -> Tensor:
+    scores = torch.addmm(bias, x, codebook_t, beta=1.0, alpha=2.0)
+    if temperature > 0:
+        # Gumbel-max: argmax(s/T + G) with G = -log(E), E ~ Exp(1), samples softmax(s/T) and
+        # s/T = -|x - c|²/T + const, i.e. softmax(-distance / T) as documented.
+        noise = torch.empty_like(scores).exponential_().log_()
+        scores = (scores / temperature).sub_(noise)
+    return scores.max(dim=-1).indices
 
 
 def nearest_code(
@@ -32,23 +49,34 @@ def nearest_code(
     codebook: Tensor,
     use_cosine_sim: bool = False,
     max_block_elements: int = MAX_BLOCK_ELEMENTS,
+    temperature: float = 0.0,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """Index of the closest codebook row for every row of `x`.
+    """Index of the closest codebook row for every row of `x` (or a sample, with temperature).
 
     x: (N, D), codebook: (K, D). Euclidean distance by default; with `use_cosine_sim` both are
-    l2-normalised and the largest dot product wins. Computed in float32 with autocast off.
-    Rows are processed in blocks so the (N, K) distance matrix never exceeds
-    `max_block_elements`, which keeps K = 65536 codebooks within memory.
-    Returns int64 indices of shape (N,).
+    l2-normalised and the largest dot product wins. With `temperature > 0` the index is drawn
+    from softmax(-|x - c|² / temperature) (cosine: |x - c|² = 2 - 2 x·c on unit vectors) by
+    the Gumbel-max trick, in float32. `bias` may pass a precomputed `code_scores_bias`.
+    Computed in float32 with autocast off and without autograd. Returns int64 (N,).
     """
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.float()
-        codebook = codebook.float()
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.detach().float()
+        codebook = codebook.detach().float()
         if use_cosine_sim:
-            x, codebook, code_sq = l2_normalize(x), l2_normalize(codebook), None
-        else:
-            code_sq = codebook.pow(2).sum(dim=-1)
-        rows = max(1, max_block_elements // max(1, codebook.shape[0]))
-        if x.shape[0] <= rows:
-            return _nearest_block(x, codebook, code_sq)
-        return torch.cat([_nearest_block(b, codebook, code_sq) for b in x.split(rows)])
+            x, codebook = l2_normalize(x), l2_normalize(codebook)
+        if bias is None:
+            bias = code_scores_bias(codebook, use_cosine_sim)
+        num_codes = max(1, codebook.shape[0])
+        limit = max(1, max_block_elements // num_codes)
+        rows = min(limit, max(MIN_BLOCK_ROWS, CACHE_BLOCK_ELEMENTS // num_codes))
+        codebook_t = codebook.t()
+        if x.shape[0] <= rows or torch.compiler.is_compiling():
+            return _block_argmax(x, codebook_t, bias, temperature)
+        out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        for start in range(0, x.shape[0], rows):
+            block = x[start : start + rows]
+            out[start : start + block.shape[0]] = _block_argmax(
+                block, codebook_t, bias, temperature
+            )
+        return out

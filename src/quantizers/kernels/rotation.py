@@ -1,19 +1,79 @@
 """Gradient estimators that pass the decoder's gradient through the non-differentiable lookup.
 
 Both return a tensor whose forward value is exactly `q`, so a quantizer's output equals the
-codes it decodes from indices; only the backward pass differs.
+codes it decodes from indices; only the backward pass differs. Both are autograd Functions
+whose forward costs nothing (the output is a view of `q`) and whose backward is a handful of
+per-row reductions: no (N, D, D) rotation matrix and no forward-time arithmetic is kept.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from src.quantizers.kernels.nearest import NORM_EPS
 
+# 1 + cos(e, q) below this counts as antipodal: the rotation plane is then undefined (float32
+# rounding alone puts ~1e-7 of noise on it) and the map falls back to the reflection I - 2uuᵀ.
+ANTIPODAL_TOL = 1e-4
+
+
+def _rows_dot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.linalg.vecdot(a, b).unsqueeze(-1)
+
+
+def rotation_grad(e: Tensor, q: Tensor, g: Tensor) -> Tensor:
+    """(λR)ᵀ g per row, with R = I - 2rrᵀ + 2wuᵀ, λ = |q|/|e| (see `rotate_to`).
+
+    With a = g·u, b = g·w, c = u·w and |u + w|² = 2 + 2c this is
+    λ g + e·|q|(2b - s)/|e|² - q·s/|e| where s = 2(a + b)/(2 + 2c), so it needs only five
+    row dot products and one fused combination. Rows with a (near) zero e or q get g back.
+    """
+    e_sq, q_sq = _rows_dot(e, e), _rows_dot(q, q)
+    e_norm, q_norm = e_sq.sqrt(), q_sq.sqrt()
+    ok = (e_norm > NORM_EPS) & (q_norm > NORM_EPS)
+    e_norm = e_norm.clamp_min(NORM_EPS)
+    q_norm = q_norm.clamp_min(NORM_EPS)
+    a = _rows_dot(g, e) / e_norm
+    b = _rows_dot(g, q) / q_norm
+    one_plus_c = 1.0 + _rows_dot(e, q) / (e_norm * q_norm)
+    s = torch.where(one_plus_c > ANTIPODAL_TOL, (a + b) / one_plus_c.clamp_min(ANTIPODAL_TOL), 0.0)
+    lam = torch.where(ok, q_norm / e_norm, 1.0)
+    coef_e = torch.where(ok, q_norm * (2.0 * b - s) / (e_norm * e_norm), 0.0)
+    coef_q = torch.where(ok, -s / e_norm, 0.0)
+    return torch.addcmul(torch.addcmul(lam * g, coef_e, e), coef_q, q)
+
+
+class _RotateTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e: Tensor, q: Tensor) -> Tensor:
+        ctx.save_for_backward(e.detach(), q)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:
+        e, q = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        with torch.autocast(device_type=grad.device.type, enabled=False):
+            out = rotation_grad(e.float(), q.float(), grad.float())
+        return out.to(e.dtype), None
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e: Tensor, q: Tensor) -> Tensor:
+        ctx.e_dtype = e.dtype
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad.to(ctx.e_dtype), None
+
 
 def straight_through(e: Tensor, q: Tensor) -> Tensor:
     """Straight-through estimator: value `q`, gradient w.r.t. `e` equal to the output gradient."""
-    return q.detach() + (e - e.detach())
+    return _StraightThrough.apply(e, q.detach())
 
 
 def rotate_to(e: Tensor, q: Tensor) -> Tensor:
@@ -22,19 +82,7 @@ def rotate_to(e: Tensor, q: Tensor) -> Tensor:
     The value is `q`; the gradient reaching `e` is the output gradient mapped through the
     constant linear map λR that takes `e` onto `q`, where u = e/|e|, w = q/|q|,
     r = (u + w)/|u + w|, R = I - 2rrᵀ + 2wuᵀ and λ = |q|/|e|. Where `e` or `q` is (near)
-    zero the rotation is undefined and the token falls back to straight-through.
+    zero the rotation is undefined and the token falls back to straight-through; where they
+    are antipodal R is the reflection I - 2uuᵀ. `q` gets no gradient.
     """
-    e_det, q_det = e.detach(), q.detach()
-    e_norm = e_det.norm(dim=-1, keepdim=True)
-    q_norm = q_det.norm(dim=-1, keepdim=True)
-    ok = (e_norm > NORM_EPS) & (q_norm > NORM_EPS)
-    u = (e_det / e_norm.clamp_min(NORM_EPS)) * ok
-    w = (q_det / q_norm.clamp_min(NORM_EPS)) * ok
-    # u ≈ -w leaves r ≈ 0, and R = I + 2wuᵀ = I - 2uuᵀ still maps e onto the direction of q.
-    r = u + w
-    r = r / r.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    lam = (q_norm / e_norm.clamp_min(NORM_EPS)).where(ok, 1.0)
-    e_dot_r = (e * r).sum(dim=-1, keepdim=True)
-    e_dot_u = (e * u).sum(dim=-1, keepdim=True)
-    rotated = lam * (e - 2.0 * e_dot_r * r + 2.0 * e_dot_u * w)
-    return q_det + (rotated - rotated.detach())
+    return _RotateTo.apply(e, q.detach())

@@ -1,0 +1,198 @@
+"""Codebook state of `VectorQuantize`: buffers, EMA step, k-means seeding, dead-code revival.
+
+A stack of C codebooks (C = heads with separate codebooks, else 1) of K codes each. With one
+codebook the buffers keep their plain shapes (`embed` (K, d), `cluster_size` (K,)); with C > 1
+they gain a leading C axis. Everything learned outside gradients passes through
+`self.communicator`, so ranks agree; nothing here syncs with the host in the unmasked
+training step (so `torch.compile` sees no graph break there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from src.quantizers.communicator import Distributable
+from src.quantizers.kernels import (
+    cluster_statistics,
+    dead_code_replacements,
+    l2_normalize,
+    orthogonal_loss,
+    smoothed_codebook,
+)
+
+
+class CodebookState(Distributable):
+    """Holds and updates the codebook(s); the subclass sets the hyper-parameters it reads
+    (decay, eps, ema_update, threshold_ema_dead_code, heads, orthogonal_reg_*)."""
+
+    def __init__(
+        self,
+        codebook_size: int,
+        codebook_dim: int,
+        num_books: int,
+        kmeans_init: bool,
+        use_cosine_sim: bool,
+        learnable: bool,
+    ) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.num_books = num_books
+        self.kmeans_init = kmeans_init
+        self.use_cosine_sim = use_cosine_sim
+        self.learnable_codebook = learnable
+        lead = () if num_books == 1 else (num_books,)
+        if kmeans_init:  # filled by k-means on the first training batch
+            embed = torch.zeros(*lead, codebook_size, codebook_dim)
+        else:
+            embed = torch.empty(*lead, codebook_size, codebook_dim)
+            for book in embed.view(-1, codebook_size, codebook_dim):
+                nn.init.kaiming_uniform_(book)
+            if use_cosine_sim:
+                embed = l2_normalize(embed)
+        if learnable:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        # cluster_size starts at 1 with embed_avg = embed, so embed_avg / cluster_size == embed
+        # and an unused code keeps its vector under EMA instead of collapsing towards zero.
+        self.register_buffer("cluster_size", torch.ones(*lead, codebook_size))
+        self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+        self._initted_seen = not kmeans_init  # host copy of `initted`, read without a sync
+
+    # ---- views ----------------------------------------------------------------------------
+
+    def books_embed(self) -> Tensor:
+        return self.embed.view(self.num_books, self.codebook_size, self.codebook_dim)
+
+    def books_size(self) -> Tensor:
+        return self.cluster_size.view(self.num_books, self.codebook_size)
+
+    def books_avg(self) -> Tensor:
+        return self.embed_avg.view(self.num_books, self.codebook_size, self.codebook_dim)
+
+    @property
+    def codebook(self) -> Tensor:
+        """Float32 codebook used for lookup: (K, d), or (heads, K, d) with separate books."""
+        embed = self.embed.float()
+        return l2_normalize(embed) if self.use_cosine_sim else embed
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> CodebookState:
+        """Keep codebook state in float32 when the module is cast (e.g. `.half()`)."""
+        super()._apply(fn, recurse)
+        for name in ("embed", "cluster_size", "embed_avg"):
+            tensor = getattr(self, name)
+            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+                tensor.data = tensor.data.float()
+        return self
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initted_seen = False  # re-read `initted` on the next training step
+
+    def _is_initted(self) -> bool:
+        if not self._initted_seen:
+            self._initted_seen = bool(self.initted)
+        return self._initted_seen
+
+    # ---- updates --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _set_initial_state(self, centres: Tensor, counts: Tensor) -> None:
+        """Install k-means centres (C, K, d) and counts (C, K), as broadcast from rank 0."""
+        packed = torch.cat([centres, counts.unsqueeze(-1)], dim=-1)
+        packed = self.communicator.broadcast(packed, src=0)
+        centres, counts = packed[..., :-1], packed[..., -1]
+        self.books_embed().data.copy_(centres)
+        self.books_size().copy_(counts)
+        self.books_avg().copy_(centres * counts.unsqueeze(-1))
+        self.initted.fill_(True)
+        self._initted_seen = True
+
+    @torch.no_grad()
+    def _update_codebook(self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None) -> None:
+        """EMA of cluster sizes (and, with ema_update, of codebook vectors), then dead codes.
+
+        latents (N, heads, d); flat_idx (N, heads) into the stacked (C*K) codebook.
+        """
+        num_codes, d = self.num_books * self.codebook_size, self.codebook_dim
+        weights = None
+        if valid is not None:
+            weights = valid.unsqueeze(-1).expand(flat_idx.shape).reshape(-1).float()
+        counts, sums = cluster_statistics(
+            latents.reshape(-1, d), flat_idx.reshape(-1), num_codes, weights
+        )
+        comm = self.communicator
+        if self.ema_update:  # one collective for both statistics
+            stats = comm.all_reduce(torch.cat([counts.unsqueeze(-1), sums], dim=-1), "sum")
+            counts, sums = stats[:, 0], stats[:, 1:]
+        else:
+            counts = comm.all_reduce(counts, "sum")
+
+        size = self.books_size()
+        size.mul_(self.decay).add_(counts.view_as(size), alpha=1.0 - self.decay)
+        if self.ema_update:
+            avg = self.books_avg()
+            avg.mul_(self.decay).add_(sums.view_as(avg), alpha=1.0 - self.decay)
+            embed = smoothed_codebook(size, avg, self.books_embed().float(), self.eps)
+            if self.use_cosine_sim:
+                embed = l2_normalize(embed)
+            self.books_embed().data.copy_(embed)
+
+        if self.threshold_ema_dead_code > 0:
+            self._expire_dead_codes(latents, valid)
+
+    @torch.no_grad()
+    def _expire_dead_codes(self, latents: Tensor, valid: Tensor | None) -> None:
+        """Replace codes whose EMA cluster size fell below the threshold by batch vectors.
+
+        Vectors are drawn without replacement from the valid tokens (see
+        `dead_code_replacements`). cluster_size is identical on every rank (its statistics
+        are all-reduced), so with several ranks rank 0's choice is broadcast to all.
+        """
+        pools = self._pools(latents, valid)
+        if pools.shape[1] == 0 and self.communicator.world_size == 1:
+            return
+        threshold = self.threshold_ema_dead_code
+        size, d = self.books_size(), self.codebook_dim
+        if pools.shape[1] > 0:
+            take, vectors = dead_code_replacements(size, threshold, pools)
+        else:  # no valid tokens on this rank: replace nothing, but join the broadcast
+            take, vectors = torch.zeros_like(size, dtype=torch.bool), self.books_avg().clone()
+        if self.communicator.world_size > 1:
+            packed = torch.cat([vectors, take.unsqueeze(-1).float()], dim=-1)
+            packed = self.communicator.broadcast(packed, src=0)
+            vectors, take = packed[..., :d], packed[..., d] > 0.5
+        embed = self.books_embed()
+        embed.data.copy_(torch.where(take.unsqueeze(-1), vectors.to(embed.dtype), embed.data))
+        avg = self.books_avg()
+        avg.copy_(torch.where(take.unsqueeze(-1), vectors * threshold, avg))
+        size.masked_fill_(take, threshold)
+
+    def _pools(self, latents: Tensor, valid: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _orthogonal_loss(self, flat_idx: Tensor, valid: Tensor | None, frozen: bool) -> Tensor:
+        """Mean over codebooks of the orthogonal regulariser, on all codes or on the codes
+        used in this batch (`orthogonal_reg_active_codes_only`), at most
+        `orthogonal_reg_max_codes` of them drawn at random."""
+        books = self.codebook.view(self.num_books, self.codebook_size, self.codebook_dim)
+        if frozen:
+            books = books.detach()
+        used = flat_idx if valid is None else flat_idx[valid]
+        losses = []
+        for c in range(self.num_books):
+            codes = books[c]
+            if self.orthogonal_reg_active_codes_only:
+                active = used if self.num_books == 1 else used[:, c]
+                codes = codes[torch.unique(active) - c * self.codebook_size]
+            limit = self.orthogonal_reg_max_codes
+            if limit is not None and codes.shape[0] > limit:
+                codes = codes[torch.randperm(codes.shape[0], device=codes.device)[:limit]]
+            losses.append(orthogonal_loss(codes))
+        return torch.stack(losses).mean()
