@@ -88,7 +88,7 @@ def cases() -> list[Case]:
             _reference(vq, dim=DIM, codebook_size=8192),
         ),
         Case(
-            "floor K=8192 (matmul+argmin)",
+            "vq K=8192 floor: matmul+argmin",
             8 * 1024,
             _sequence(8),
             lambda: MatmulArgminFloor(DIM, 8192),

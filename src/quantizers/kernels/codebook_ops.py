@@ -8,6 +8,7 @@ orthogonal regulariser and a masked mean squared error. None of them syncs with 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from src.quantizers.kernels.nearest import l2_normalize
@@ -15,9 +16,9 @@ from src.quantizers.kernels.nearest import l2_normalize
 
 def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
     """Mean of (a - b)² over the rows of (N, ...) tensors where `valid` (N,) is True."""
-    sq = (a - b).pow(2)
     if valid is None:
-        return sq.mean()
+        return F.mse_loss(a, b)
+    sq = (a - b).pow(2)
     sq = sq.reshape(sq.shape[0], -1)
     sq = torch.where(valid.unsqueeze(-1), sq, 0.0)
     return sq.sum() / (valid.sum().clamp_min(1) * sq.shape[-1])
