@@ -14,6 +14,7 @@ from src.quantizers.registry import (
 )
 from src.quantizers.residual import ResidualStack, ResidualStackOutput
 from src.quantizers.residual_fsq import GroupedResidualFSQ, ResidualFSQ, ResidualFSQOutput
+from src.quantizers.residual_lfq import GroupedResidualLFQ, ResidualLFQ, ResidualLFQOutput
 from src.quantizers.residual_simvq import ResidualSimVQ, ResidualSimVQOutput
 from src.quantizers.residual_vq import (
     GroupedResidualVQ,
@@ -32,6 +33,7 @@ __all__ = [
     "Communicator",
     "FSQOutput",
     "GroupedResidualFSQ",
+    "GroupedResidualLFQ",
     "GroupedResidualVQ",
     "LFQOutput",
     "LatentQuantize",
@@ -39,6 +41,8 @@ __all__ = [
     "RandomProjectionQuantizer",
     "ResidualFSQ",
     "ResidualFSQOutput",
+    "ResidualLFQ",
+    "ResidualLFQOutput",
     "ResidualSimVQ",
     "ResidualSimVQOutput",
     "ResidualStack",

@@ -198,3 +198,33 @@ def test_matches_reference_library_codes() -> None:
         (q_ours, i_ours, _), (q_ref, i_ref, _) = ours(x), ref(x)
         assert torch.equal(i_ours, i_ref.long())
         torch.testing.assert_close(q_ours, q_ref)
+
+
+def test_batch_entropy_is_global_over_fake_ranks() -> None:
+    """Two thread 'ranks' with the same LFQ see the batch entropy of their union."""
+    import copy
+    import threading
+
+    from tests.quantizers.test_entropy import ThreadRanks
+
+    torch.manual_seed(3)
+    base = LFQ(codebook_size=2**6).double()
+    shards = [torch.randn(1, 15, 6, dtype=torch.float64) for _ in range(2)]
+    comm = ThreadRanks()
+    results: dict[int, torch.Tensor] = {}
+
+    def run(rank: int) -> None:
+        comm.local.rank = rank
+        quantizer = copy.deepcopy(base)
+        quantizer.set_communicator(comm)
+        _, parts = quantizer(shards[rank], inv_temperature=1.0, return_loss_breakdown=True)
+        results[rank] = parts.batch_entropy.detach()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    _, union = base(torch.cat(shards, dim=1), inv_temperature=1.0, return_loss_breakdown=True)
+    for rank in range(2):
+        torch.testing.assert_close(results[rank], union.batch_entropy.detach())

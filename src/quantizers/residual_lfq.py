@@ -1,0 +1,215 @@
+"""Residual LFQ: LFQ layers on successive residuals, layer `i` with codes `+-2^-i`, and its
+grouped form (one residual LFQ per slice of the feature axis).
+
+Built on the shared machinery: `ResidualStack` (src/quantizers/residual.py) runs the layers
+and decodes indices; `GroupedResidual` (src/quantizers/grouped.py) splits and combines groups.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from src.quantizers.grouped import GroupedResidual
+from src.quantizers.lfq import LFQ
+from src.quantizers.registry import register_quantizer
+from src.quantizers.residual import ResidualStack
+
+
+class ResidualLFQOutput(NamedTuple):
+    """`indices` (..., num_quantizers), -1 where dropped; `commit_loss` one loss per layer."""
+
+    quantized: Tensor
+    indices: Tensor
+    commit_loss: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        return self.commit_loss
+
+
+class ResidualLFQCodesOutput(NamedTuple):
+    """With `return_all_codes=True`: also every layer's codes (q, ..., codebook_dim)."""
+
+    quantized: Tensor
+    indices: Tensor
+    commit_loss: Tensor
+    all_codes: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        return self.commit_loss
+
+
+@register_quantizer("rlfq")
+class ResidualLFQ(nn.Module):
+    """`num_quantizers` LFQ layers of `codebook_size` codes, each quantizing what the previous
+    left; layer `i` has `codebook_scale = 2^-i` (and half the previous soft clamp).
+
+    Input: a sequence `(batch, seq, dim)`, or `(batch, dim, ...)` with `channel_first=True`.
+    Other keywords (entropy_loss_weight, diversity_gamma, spherical, ...) go to every layer.
+    The loss is a vector with one entry per layer (zeros outside training).
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | None = None,
+        channel_first: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1; got {num_quantizers}")
+        if int(kwargs.get("num_codebooks", 1)) != 1:
+            raise ValueError("ResidualLFQ layers have one codebook each; drop num_codebooks")
+        layers = []
+        for i in range(num_quantizers):
+            layers.append(
+                LFQ(
+                    codebook_size=codebook_size,
+                    codebook_scale=2.0**-i,
+                    soft_clamp_input_value=soft_clamp_input_value,
+                    **kwargs,
+                )
+            )
+            if soft_clamp_input_value is not None:
+                soft_clamp_input_value *= 0.5
+        self.codebook_dim = layers[0].codebook_dim
+        self.codebook_size: int = layers[0].codebook_size
+        self.dim = dim
+        self.num_quantizers = num_quantizers
+        self.num_codebooks = num_quantizers
+        self.channel_first = channel_first
+        self.has_projections = dim != self.codebook_dim
+        self.project_in: nn.Module = nn.Identity()
+        self.project_out: nn.Module = nn.Identity()
+        if self.has_projections:
+            self.project_in = nn.Linear(dim, self.codebook_dim)
+            self.project_out = nn.Linear(self.codebook_dim, dim)
+        self.stack = ResidualStack(
+            layers,
+            quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            decode="indices_to_codes",
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.stack.layers
+
+    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
+        """Layers kept in this training step (quantize dropout), agreed across ranks."""
+        return self.stack.draw_num_kept(device)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        return_all_codes: bool = False,
+        *,
+        num_kept: int | None = None,
+    ) -> ResidualLFQOutput | ResidualLFQCodesOutput:
+        """Quantize `x`; indices are (batch, seq, num_quantizers) (or (batch, ..., q) maps)."""
+        spatial = self._check_input(x)
+        if self.channel_first:
+            x = x.flatten(2).transpose(1, 2)
+        z = self.project_in(x)
+        with torch.autocast(x.device.type, enabled=False):
+            stacked = self.stack(z.float(), num_kept=num_kept, mask=mask)
+        out = self.project_out(stacked.quantized.to(z.dtype))
+        indices = stacked.indices
+        if self.channel_first:
+            out = out.transpose(1, 2).unflatten(2, spatial)
+            indices = indices.unflatten(1, spatial)
+        if return_all_codes:
+            all_codes = self.get_codes_from_indices(indices)
+            return ResidualLFQCodesOutput(out, indices, stacked.losses, all_codes)
+        return ResidualLFQOutput(out, indices, stacked.losses)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        """Per-layer codes (num_quantizers, ..., codebook_dim) before projection; -1 gives 0."""
+        flat = self._flat_indices(indices)
+        codes = self.stack.get_codes_from_indices(flat)
+        return codes.reshape(codes.shape[0], *indices.shape[:-1], self.codebook_dim)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        """Decode indices (..., q <= num_quantizers) into forward's output, in its layout."""
+        flat = self._flat_indices(indices)
+        out = self.project_out(self.stack.get_output_from_indices(flat))
+        out = out.reshape(*indices.shape[:-1], self.dim)
+        return out.movedim(-1, 1) if self.channel_first else out
+
+    def _flat_indices(self, indices: Tensor) -> Tensor:
+        if indices.ndim < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
+            raise ValueError(
+                f"indices must be (batch, ..., q) with 1 <= q <= {self.num_quantizers}; "
+                f"got {tuple(indices.shape)}"
+            )
+        return indices.reshape(1, -1, indices.shape[-1])
+
+    def _check_input(self, x: Tensor) -> tuple[int, ...]:
+        if self.channel_first:
+            if x.ndim < 3 or x.shape[1] != self.dim:
+                raise ValueError(
+                    f"ResidualLFQ(channel_first=True) expects (batch, dim={self.dim}, ...); "
+                    f"got {tuple(x.shape)}"
+                )
+            return tuple(x.shape[2:])
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"ResidualLFQ expects a sequence (batch, seq, dim={self.dim}); got {tuple(x.shape)}"
+            )
+        return ()
+
+
+@register_quantizer("grlfq")
+class GroupedResidualLFQ(nn.Module):
+    """`groups` ResidualLFQs, each on its own slice of the feature axis.
+
+    Indices are (groups, batch, ..., num_quantizers), losses (groups, num_quantizers).
+    `accept_image_fmap=True` takes channel-first `(batch, dim, ...)` maps. All groups keep the
+    same depth under quantize dropout.
+    """
+
+    def __init__(
+        self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: object
+    ) -> None:
+        super().__init__()
+        if groups < 1 or dim % groups:
+            raise ValueError(f"dim={dim} must split evenly into groups={groups}")
+        self.dim = dim
+        self.groups = groups
+        self.accept_image_fmap = accept_image_fmap
+        members = [
+            ResidualLFQ(dim=dim // groups, channel_first=accept_image_fmap, **kwargs)
+            for _ in range(groups)
+        ]
+        self.grouped = GroupedResidual(members, dim, split_dim=1 if accept_image_fmap else -1)
+        self.codebook_size: int = members[0].codebook_size
+        self.num_quantizers = members[0].num_quantizers
+        self.num_codebooks = groups * self.num_quantizers
+
+    @property
+    def rvqs(self) -> nn.ModuleList:
+        return self.grouped.groups
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False
+    ) -> ResidualLFQOutput | ResidualLFQCodesOutput:
+        return self.grouped(x, mask=mask, return_all_codes=return_all_codes)
+
+    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+        return self.grouped.get_codes_from_indices(indices)
+
+    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+        return self.grouped.get_output_from_indices(indices)
