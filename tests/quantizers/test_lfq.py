@@ -228,3 +228,16 @@ def test_batch_entropy_is_global_over_fake_ranks() -> None:
     _, union = base(torch.cat(shards, dim=1), inv_temperature=1.0, return_loss_breakdown=True)
     for rank in range(2):
         torch.testing.assert_close(results[rank], union.batch_entropy.detach())
+
+
+def test_orthogonal_rotation_and_entropy_fraction() -> None:
+    torch.manual_seed(4)
+    quantizer = LFQ(codebook_size=2**8, orthogonal_rotation=True, frac_per_sample_entropy=0.5)
+    x = torch.randn(2, 40, 8, requires_grad=True)
+    quantized, indices, loss = quantizer(x)
+    assert (quantized == quantizer.indices_to_codes(indices)).all()
+    rotated = x.detach() @ quantizer.orthogonal_rot
+    weights = 2 ** torch.arange(7, -1, -1)
+    assert torch.equal(indices, ((rotated > 0).long() * weights).sum(-1))
+    (quantized.sum() + loss).backward()
+    assert torch.isfinite(x.grad).all()
