@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.communicator import Distributable
+from src.quantizers.communicator import Communicator, Distributable
+from src.quantizers.residual import share_communicator
 
 
 def _combine(outputs: Sequence[tuple], split_dim: int) -> tuple:
@@ -42,6 +43,10 @@ class GroupedResidual(Distributable):
         self.groups = nn.ModuleList(groups)
         self.dim = dim
         self.split_dim = split_dim
+
+    def set_communicator(self, communicator: Communicator) -> None:
+        """Hand the communicator to every group too, even without `install_communicator`."""
+        share_communicator(self, communicator)
 
     @property
     def num_groups(self) -> int:

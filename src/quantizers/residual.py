@@ -28,11 +28,19 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.communicator import Distributable
+from src.quantizers.communicator import Communicator, Distributable
 
 # Makes one layer object that appears several times in the stack (a shared codebook) collect
 # its state updates over the whole pass and apply them once when the context exits.
 DeferUpdates = Callable[[nn.Module], AbstractContextManager[None]]
+
+
+def share_communicator(module: Distributable, communicator: Communicator) -> None:
+    """Set `communicator` on `module` and on every Distributable below it."""
+    Distributable.set_communicator(module, communicator)
+    for sub in module.modules():
+        if sub is not module and isinstance(sub, Distributable):
+            sub.set_communicator(communicator)
 
 
 class ResidualStackOutput(NamedTuple):
@@ -93,6 +101,10 @@ class ResidualStack(Distributable):
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.decode = decode
         self.defer_updates = defer_updates
+
+    def set_communicator(self, communicator: Communicator) -> None:
+        """Hand the communicator to the layers too, even without `install_communicator`."""
+        share_communicator(self, communicator)
 
     def layer(self, i: int) -> nn.Module:
         """The module quantizing depth `i`."""

@@ -14,10 +14,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.communicator import Distributable
+from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStack
+from src.quantizers.residual import ResidualStack, share_communicator
 from src.quantizers.vector_quantize import VectorQuantize
 
 _UPDATE_METHOD = "_update_codebook"  # VectorQuantize's hook for all EMA / dead-code changes
@@ -131,6 +131,10 @@ class ResidualVQ(Distributable):
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             defer_updates=pooled_vq_updates if shared_codebook else None,
         )
+
+    def set_communicator(self, communicator: Communicator) -> None:
+        """Hand the communicator to the stack and its layers too."""
+        share_communicator(self, communicator)
 
     @property
     def layers(self) -> list[nn.Module]:

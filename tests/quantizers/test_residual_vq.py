@@ -229,7 +229,8 @@ def test_grouped_dropout_uses_one_depth_for_all_groups() -> None:
         dim=16, groups=2, num_quantizers=6, codebook_size=16, quantize_dropout=True
     )
     comm = FakeCommunicator(broadcast_value=3)
-    install_communicator(grvq, comm)
+    grvq.set_communicator(comm)  # the top-level call reaches every group's stack and layers
+    assert all(vq.communicator is comm for rvq in grvq.rvqs for vq in rvq.layers)
     indices = grvq(torch.randn(1, 16, 16)).indices
     assert (indices[..., :3] >= 0).all() and (indices[..., 3:] == -1).all()
     assert len(comm.broadcasts) == 1  # drawn once per step, not once per group
