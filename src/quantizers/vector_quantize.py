@@ -18,11 +18,11 @@ from torch import Tensor, nn
 from src.quantizers.kernels import (
     code_scores_bias,
     kmeans,
-    l2_normalize,
     masked_mse,
     nearest_code,
     rotate_to,
     straight_through,
+    unit_rows,
 )
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vq_state import CodebookState
@@ -277,7 +277,7 @@ class VectorQuantize(CodebookState):
 
         latents = self.project_in(tokens.reshape(n, self.dim)).float().view(n, heads, d)
         if self.use_cosine_sim:
-            latents = l2_normalize(latents)
+            latents = unit_rows(latents)
 
         frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         update = self.training and not frozen

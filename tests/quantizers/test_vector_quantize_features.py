@@ -322,3 +322,15 @@ def test_heads_under_bf16_autocast_search_in_float32() -> None:
         ref = torch.cdist(latents[:, h], books).argmin(-1)
         assert torch.equal(indices[..., h].reshape(-1), ref)
     assert loss.dtype == torch.float32
+
+
+def test_unit_rows_matches_l2_normalize_value_and_gradient() -> None:
+    from src.quantizers.kernels import l2_normalize, unit_rows
+
+    x = torch.cat([torch.randn(6, 5), torch.zeros(1, 5)])
+    g = torch.randn(7, 5)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (unit_rows(a) * g).sum().backward()
+    (l2_normalize(b) * g).sum().backward()
+    torch.testing.assert_close(unit_rows(x), l2_normalize(x))
+    torch.testing.assert_close(a.grad, b.grad)

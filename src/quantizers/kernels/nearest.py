@@ -80,3 +80,25 @@ def nearest_code(
                 block, codebook_t, bias, temperature
             )
         return out
+
+
+class _UnitRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        scale = norm.clamp_min(NORM_EPS)
+        y = x / scale
+        ctx.save_for_backward(y, scale, norm > NORM_EPS)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        y, scale, moving = ctx.saved_tensors
+        radial = torch.einsum("...d,...d->...", y, grad).unsqueeze(-1) * moving
+        return torch.addcmul(grad, y, radial, value=-1.0) / scale
+
+
+def unit_rows(x: Tensor) -> Tensor:
+    """`l2_normalize(x)` along the last dim with a closed-form backward, (g - y(y·g)) / |x|
+    (g / eps below the norm floor): three passes over the rows instead of autograd's eight."""
+    return _UnitRows.apply(x)
