@@ -7,12 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning import LightningModule
-from torch import Tensor, nn
+from torch import Tensor
 from torchaudio.transforms import MelSpectrogram
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
-from src.metrics import CodebookUsage
 from src.models.audio_losses import (
     LOG_EPS,
     MultiResolutionSTFTLoss,
@@ -21,15 +19,8 @@ from src.models.audio_losses import (
     si_snr,
 )
 from src.models.conv1d import ConvDecoder1d, ConvEncoder1d
-from src.models.image_tokenizer import codebook_log_values
-from src.models.quantizer_adapter import (
-    QuantizedLatents,
-    build_latent_quantizer,
-    quantize_latent_map,
-)
-from src.models.schedules import warmup_cosine
-from src.models.strategy_communicator import StrategyCommunicator
-from src.quantizers import install_communicator
+from src.models.quantizer_adapter import QuantizedLatents, quantize_latent_map
+from src.models.tokenizer_module import TokenizerModule
 
 EPOCH_METRICS = (
     "loss",
@@ -43,7 +34,7 @@ EPOCH_METRICS = (
 )
 
 
-class AudioTokenizer(LightningModule):
+class AudioTokenizer(TokenizerModule):
     """Learns discrete tokens of mono waveforms (B, 1, T); logs SI-SNR, mel distance, bitrate
     and codebook usage per epoch.
 
@@ -76,9 +67,7 @@ class AudioTokenizer(LightningModule):
         self.save_hyperparameters()
         self.encoder = ConvEncoder1d(1, latent_dim, channels, strides, dilations, causal)
         self.decoder = ConvDecoder1d(1, latent_dim, channels, strides, dilations, causal)
-        self.quantizer = build_latent_quantizer(quantizer, latent_dim)
-        self.codebook_size = int(self.quantizer.codebook_size)
-        self.num_codebooks = int(getattr(self.quantizer, "num_codebooks", 1))
+        self.init_quantizer(quantizer, latent_dim)
         self.hop = self.encoder.hop
         self.frame_rate = sample_rate / self.hop
         self.bitrate_kbps = bitrate_kbps(self.num_codebooks, self.codebook_size, self.frame_rate)
@@ -86,21 +75,12 @@ class AudioTokenizer(LightningModule):
         self.stft_loss = MultiResolutionSTFTLoss(stft_fft_sizes)
         # one fixed resolution for the mel-distance metric, whatever the loss scales are
         self.mel_metric = MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
-        self.train_metrics = self._make_stage_metrics()
-        self.val_metrics = self._make_stage_metrics()
-        self.test_metrics = self._make_stage_metrics()
 
-    def _make_stage_metrics(self) -> nn.ModuleDict:
-        metrics: dict[str, nn.Module] = {name: MeanMetric() for name in EPOCH_METRICS}
-        metrics["codebook"] = CodebookUsage(self.codebook_size, self.num_codebooks)
-        return nn.ModuleDict(metrics)
+    def make_stage_metrics(self) -> dict[str, Metric]:
+        return {name: MeanMetric() for name in EPOCH_METRICS}
 
-    def metrics_for(self, stage: str) -> nn.ModuleDict:
-        return getattr(self, f"{stage}_metrics")
-
-    def setup(self, stage: str) -> None:
-        """Hand the quantizer a communicator over the trainer's strategy (no-op on one process)."""
-        install_communicator(self.quantizer, StrategyCommunicator(self.trainer.strategy))
+    def extra_epoch_values(self, stage: str) -> dict[str, Tensor]:
+        return {f"{stage}/bitrate_kbps": torch.tensor(self.bitrate_kbps)}
 
     def check_waveforms(self, waveforms: Tensor) -> None:
         """Fail with the expected layout instead of a shape error deep inside a convolution."""
@@ -130,7 +110,7 @@ class AudioTokenizer(LightningModule):
         b = (self.mel_metric(target.float().squeeze(1)) + LOG_EPS).log()
         return (a - b).abs().flatten(1).mean(1)
 
-    def _shared_step(self, waveforms: Tensor, stage: str) -> dict[str, Tensor]:
+    def shared_step(self, waveforms: Tensor, stage: str) -> dict[str, Tensor]:
         reconstructions, quantized = self(waveforms)
         hp = self.hparams
         parts = {
@@ -155,55 +135,3 @@ class AudioTokenizer(LightningModule):
         if quantized.indices is not None:
             metrics["codebook"].update(quantized.indices)
         return {"loss": loss, "inputs": waveforms, "reconstructions": detached}
-
-    def training_step(self, waveforms: Tensor, batch_idx: int) -> Tensor:
-        out = self._shared_step(waveforms, "train")
-        self.log("train/loss_step", out["loss"].detach(), prog_bar=True, batch_size=len(waveforms))
-        return out["loss"]
-
-    def validation_step(self, waveforms: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        return self._shared_step(waveforms, "val")
-
-    def test_step(self, waveforms: Tensor, batch_idx: int) -> dict[str, Tensor]:
-        return self._shared_step(waveforms, "test")
-
-    def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-
-    def _log_epoch(self, stage: str) -> None:
-        """Epoch-level metrics (torchmetrics sums them over ranks), the bitrate, codebook usage."""
-        metrics = self.metrics_for(stage)
-        values = {f"{stage}/{name}": metrics[name].compute() for name in EPOCH_METRICS}
-        values[f"{stage}/bitrate_kbps"] = torch.tensor(self.bitrate_kbps)
-        if metrics["codebook"].update_count > 0:
-            values.update(codebook_log_values(stage, metrics["codebook"].compute()))
-        for metric in metrics.values():
-            metric.reset()
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=False)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (no decay on biases) with linear warmup and cosine decay, as for images."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.hparams.lr,
-            betas=tuple(self.hparams.betas),
-        )
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine(
-            optimizer, self.hparams.warmup_steps, total_steps, self.hparams.min_lr_ratio
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }

@@ -73,7 +73,7 @@ def test_every_bottleneck_quantizer_trains_a_few_steps(name: str, tmp_path: Path
     batch = speechlike(batch=4, samples=2000)
     losses = []
     for _ in range(3):
-        out = model._shared_step(batch, "train")
+        out = model.shared_step(batch, "train")
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()

@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 
-from src.models.image_tokenizer import ImageTokenizer, codebook_log_values
+from src.models.image_tokenizer import ImageTokenizer
 from src.models.quantizer_adapter import tokens_by_codebook
 from src.models.schedules import warmup_cosine_factor
+from src.models.tokenizer_module import codebook_log_values
 
 QUANTIZERS = {
     "fsq": {"name": "fsq", "levels": [8, 5, 5, 5]},
