@@ -11,6 +11,8 @@ import torch
 import torchaudio.functional as AF
 from torch import Tensor
 
+from src.data.file_listing import list_media_files
+
 __all__ = ["AUDIO_EXTENSIONS", "list_audio_files", "load_audio", "load_clips"]
 
 log = logging.getLogger(__name__)
@@ -20,21 +22,7 @@ AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".aiff", ".aif")
 
 def list_audio_files(root: Path, extensions: Sequence[str], recursive: bool = True) -> list[Path]:
     """Sorted audio paths under ``root`` whose suffix (any case) is in ``extensions``."""
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"audio folder {str(root)!r} does not exist or is not a directory "
-            f"(looking for {', '.join(extensions)} files)"
-        )
-    wanted = {ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions}
-    candidates = root.rglob("*") if recursive else root.iterdir()
-    files = [p for p in candidates if p.is_file() and p.suffix.lower() in wanted]
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise FileNotFoundError(
-            f"no audio files with extensions {', '.join(sorted(wanted))} found in {str(root)!r}"
-            f"{' or its subfolders' if recursive else ''}"
-        )
-    return files
+    return list_media_files(root, extensions, recursive, kind="audio")
 
 
 def load_audio(path: Path, sample_rate: int) -> Tensor:

@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from src.data.file_listing import list_media_files
 from src.data.split_datamodule import SplitImageDataModule, as_tuple, seeded_split
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFileDataset", "ImageFolderDataModule", "list_image_files"]
@@ -22,21 +23,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp", "
 
 def list_image_files(root: Path, extensions: Sequence[str], recursive: bool = True) -> list[Path]:
     """Sorted image paths under ``root`` whose suffix (any case) is in ``extensions``."""
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"image folder {str(root)!r} does not exist or is not a directory "
-            f"(looking for {', '.join(extensions)} files)"
-        )
-    wanted = {ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in extensions}
-    candidates = root.rglob("*") if recursive else root.iterdir()
-    files = [p for p in candidates if p.is_file() and p.suffix.lower() in wanted]
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise FileNotFoundError(
-            f"no image files with extensions {', '.join(sorted(wanted))} found in {str(root)!r}"
-            f"{' or its subfolders' if recursive else ''}"
-        )
-    return files
+    return list_media_files(root, extensions, recursive, kind="image")
 
 
 def readable_images(files: Sequence[Path]) -> list[Path]:
