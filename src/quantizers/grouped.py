@@ -14,7 +14,7 @@ axis, every other field stacked on a new leading group axis, e.g. indices (G, B,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,16 @@ class GroupedResidual(Distributable):
         self.groups = nn.ModuleList(groups)
         self.dim = dim
         self.split_dim = split_dim
+
+    @classmethod
+    def split_evenly(
+        cls, make_group: Callable[[int], nn.Module], dim: int, groups: int, channel_first: bool
+    ) -> GroupedResidual:
+        """`groups` modules built by `make_group(dim // groups)`, one per feature slice."""
+        if groups < 1 or dim % groups:
+            raise ValueError(f"dim={dim} must split evenly into groups={groups}")
+        members = [make_group(dim // groups) for _ in range(groups)]
+        return cls(members, dim, split_dim=1 if channel_first else -1)
 
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to every group too, even without `install_communicator`."""

@@ -185,18 +185,18 @@ class GroupedResidualLFQ(nn.Module):
         self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: object
     ) -> None:
         super().__init__()
-        if groups < 1 or dim % groups:
-            raise ValueError(f"dim={dim} must split evenly into groups={groups}")
         self.dim = dim
         self.groups = groups
         self.accept_image_fmap = accept_image_fmap
-        members = [
-            ResidualLFQ(dim=dim // groups, channel_first=accept_image_fmap, **kwargs)
-            for _ in range(groups)
-        ]
-        self.grouped = GroupedResidual(members, dim, split_dim=1 if accept_image_fmap else -1)
-        self.codebook_size: int = members[0].codebook_size
-        self.num_quantizers = members[0].num_quantizers
+        self.grouped = GroupedResidual.split_evenly(
+            lambda width: ResidualLFQ(dim=width, channel_first=accept_image_fmap, **kwargs),
+            dim,
+            groups,
+            channel_first=accept_image_fmap,
+        )
+        first = self.grouped.groups[0]
+        self.codebook_size: int = first.codebook_size
+        self.num_quantizers = first.num_quantizers
         self.num_codebooks = groups * self.num_quantizers
 
     @property
