@@ -57,8 +57,10 @@ def pooled_vq_updates(vq: nn.Module) -> Iterator[None]:
 
     Every call's (latents, indices, valid) are concatenated along the token axis, so the EMA
     takes one step with the statistics of all depths together (and dead codes are replaced
-    from all depths' residuals), exactly as if the depths were one big batch. The codebook
-    stays fixed within the pass, so all depths quantize against the same codes.
+    from all depths' residuals), exactly as if the depths were one big batch. The number of
+    calls goes along as `segments`, so under DDP the union of the ranks' residuals keeps the
+    depth-by-depth order one process would see. The codebook stays fixed within the pass, so
+    all depths quantize against the same codes.
     """
     calls: list[tuple[tuple, dict]] = []
     vq.__dict__[_UPDATE_METHOD] = lambda *args, **kwargs: calls.append((args, kwargs))
@@ -69,7 +71,7 @@ def pooled_vq_updates(vq: nn.Module) -> Iterator[None]:
     if calls:
         args = [_concat_calls(list(vals)) for vals in zip(*(c[0] for c in calls), strict=True)]
         kwargs = {k: _concat_calls([c[1][k] for c in calls]) for k in calls[0][1]}
-        getattr(vq, _UPDATE_METHOD)(*args, **kwargs)
+        getattr(vq, _UPDATE_METHOD)(*args, segments=len(calls), **kwargs)
 
 
 @register_quantizer("rvq")

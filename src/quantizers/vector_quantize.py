@@ -3,8 +3,9 @@
 Each token (or each of its `heads` slices) is replaced by its nearest codebook vector. The
 codebook follows an exponential moving average of the tokens assigned to it (or is learned by
 gradient), can be seeded by k-means on the first batch and can revive dead codes from the
-current batch. Gradients reach the encoder through the rotation trick (default) or the
-straight-through estimator. The codebook-state bookkeeping lives in `vq_state.py`.
+current batch (under DDP: the union of every rank's batch). Gradients reach the encoder
+through the rotation trick (default) or the straight-through estimator. The codebook-state
+bookkeeping lives in `vq_state.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.quantizers.collectives import all_gather_varying
 from src.quantizers.kernels import (
     code_scores_bias,
     kmeans,
@@ -234,18 +236,18 @@ class VectorQuantize(CodebookState):
         """(N, heads) indices into the stacked (C*K, d) codebook for (N, heads, d) latents."""
         bias = code_scores_bias(codebook, self.use_cosine_sim)
         n, heads, d = latents.shape
+        search = {"temperature": temperature, "use_cosine_sim": self.use_cosine_sim}
+        search["normalized"] = self.use_cosine_sim  # latents and codebook are unit rows
         if self.num_books == 1:
-            found = nearest_code(
-                latents.reshape(n * heads, d), codebook, temperature=temperature, bias=bias
-            )
+            found = nearest_code(latents.reshape(n * heads, d), codebook, bias=bias, **search)
             return found.view(n, heads)
         k = self.codebook_size
         found = [
             nearest_code(
                 latents[:, h],
                 codebook[h * k : (h + 1) * k],
-                temperature=temperature,
-                bias=bias[h * k : (h + 1) * k],
+                bias=None if bias is None else bias[h * k : (h + 1) * k],
+                **search,
             )
             + h * k
             for h in range(heads)
@@ -333,16 +335,21 @@ class VectorQuantize(CodebookState):
 
     @torch.no_grad()
     def _init_by_kmeans(self, latents: Tensor, valid: Tensor | None) -> None:
-        """Seed each codebook with k-means of this rank's batch, then take rank 0's result."""
+        """Seed each codebook with k-means of the valid tokens of every rank's batch.
+
+        With several ranks the pools are gathered (in rank order: the whole batch, as one
+        process would see it) and every rank runs the same k-means on that union, keeping the
+        ranks' random streams in step; rank 0's result is then broadcast, so the codebooks
+        are identical even where a kernel is not bitwise deterministic.
+        """
         pools = self._pools(latents, valid)
-        if pools.shape[1] == 0 and self.communicator.world_size == 1:
-            return  # nothing to learn from yet; try again on the next batch
+        if self.communicator.world_size > 1:
+            pools = all_gather_varying(pools, self.communicator, dim=1)
+        if pools.shape[1] == 0:
+            return  # no rank had a valid token: nothing to learn from yet, try the next batch
         centres, counts = [], []
         for c in range(self.num_books):
-            if pools.shape[1] > 0:
-                found = kmeans(pools[c], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
-            else:  # this rank has no valid tokens but must still join the broadcast
-                found = (self.books_embed()[c].float(), self.books_size()[c] * 0)
+            found = kmeans(pools[c], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
             centres.append(found[0])
             counts.append(found[1])
         self._set_initial_state(torch.stack(centres), torch.stack(counts))

@@ -3,8 +3,10 @@
 A stack of C codebooks (C = heads with separate codebooks, else 1) of K codes each. With one
 codebook the buffers keep their plain shapes (`embed` (K, d), `cluster_size` (K,)); with C > 1
 they gain a leading C axis. Everything learned outside gradients passes through
-`self.communicator`, so ranks agree; nothing here syncs with the host in the unmasked
-training step (so `torch.compile` sees no graph break there).
+`self.communicator`, so ranks agree: EMA statistics are summed over ranks, and k-means and
+dead-code revival draw from the union of the ranks' vectors, as one process would on the whole
+batch. On a single process nothing here syncs with the host in the unmasked training step (so
+`torch.compile` sees no graph break there); with several ranks the union's size is read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from src.quantizers.collectives import gather_lengths
 from src.quantizers.communicator import Distributable
 from src.quantizers.kernels import (
     cluster_statistics,
@@ -115,10 +118,14 @@ class CodebookState(Distributable):
         self._initted_seen = True
 
     @torch.no_grad()
-    def _update_codebook(self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None) -> None:
+    def _update_codebook(
+        self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None, segments: int = 1
+    ) -> None:
         """EMA of cluster sizes (and, with ema_update, of codebook vectors), then dead codes.
 
-        latents (N, heads, d); flat_idx (N, heads) into the stacked (C*K) codebook.
+        latents (N, heads, d); flat_idx (N, heads) into the stacked (C*K) codebook. `segments`
+        > 1 says the tokens are that many equal calls pooled into one update (a shared
+        codebook at every residual depth); see `_expire_dead_codes`.
         """
         num_codes, d = self.num_books * self.codebook_size, self.codebook_dim
         weights = None
@@ -145,34 +152,71 @@ class CodebookState(Distributable):
             self.books_embed().data.copy_(embed)
 
         if self.threshold_ema_dead_code > 0:
-            self._expire_dead_codes(latents, valid)
+            self._expire_dead_codes(latents, valid, segments)
 
     @torch.no_grad()
-    def _expire_dead_codes(self, latents: Tensor, valid: Tensor | None) -> None:
+    def _expire_dead_codes(self, latents: Tensor, valid: Tensor | None, segments: int = 1) -> None:
         """Replace codes whose EMA cluster size fell below the threshold by batch vectors.
 
         Vectors are drawn without replacement from the valid tokens (see
-        `dead_code_replacements`). cluster_size is identical on every rank (its statistics
-        are all-reduced), so with several ranks rank 0's choice is broadcast to all.
+        `dead_code_replacements`). With several ranks they are drawn from the union of the
+        ranks' valid tokens, exactly as one process holding the whole batch would draw them
+        (see `_union_replacements`).
         """
         pools = self._pools(latents, valid)
-        if pools.shape[1] == 0 and self.communicator.world_size == 1:
-            return
         threshold = self.threshold_ema_dead_code
-        size, d = self.books_size(), self.codebook_dim
-        if pools.shape[1] > 0:
-            take, vectors = dead_code_replacements(size, threshold, pools)
-        else:  # no valid tokens on this rank: replace nothing, but join the broadcast
-            take, vectors = torch.zeros_like(size, dtype=torch.bool), self.books_avg().clone()
+        size = self.books_size()
         if self.communicator.world_size > 1:
-            packed = torch.cat([vectors, take.unsqueeze(-1).float()], dim=-1)
-            packed = self.communicator.broadcast(packed, src=0)
-            vectors, take = packed[..., :d], packed[..., d] > 0.5
+            chosen = self._union_replacements(pools, segments)
+            if chosen is None:
+                return
+            take, vectors = chosen
+        elif pools.shape[1] == 0:
+            return
+        else:
+            take, vectors = dead_code_replacements(size, threshold, pools)
         embed = self.books_embed()
         embed.data.copy_(torch.where(take.unsqueeze(-1), vectors.to(embed.dtype), embed.data))
         avg = self.books_avg()
         avg.copy_(torch.where(take.unsqueeze(-1), vectors * threshold, avg))
         size.masked_fill_(take, threshold)
+
+    def _union_replacements(self, pools: Tensor, segments: int) -> tuple[Tensor, Tensor] | None:
+        """Dead-code replacements drawn from the union of every rank's pool (C, M_r, d).
+
+        The union is each rank's pool concatenated in rank order (segment by segment when
+        `segments` pooled calls make up the pool, so its order is that of one process on the
+        whole batch). Rather than gathering every vector, each rank draws the same way over
+        the union's row numbers, rank 0's draw is broadcast, and each rank fills in the
+        chosen rows it holds: an all-reduce of (C, K, d) instead of an all-gather of all
+        tokens. Returns None when nothing is replaced (every rank agrees).
+        """
+        comm = self.communicator
+        if pools.shape[1] % segments:
+            raise ValueError(f"a pool of {pools.shape[1]} tokens is not {segments} equal calls")
+        local = pools.shape[1] // segments
+        lengths = gather_lengths(local, comm, pools.device)
+        total = sum(lengths)
+        if total == 0:
+            return None
+        size = self.books_size()
+        # The kernel picks rows of its pool; handed row numbers, it returns which rows it drew.
+        numbers = torch.arange(segments * total, device=pools.device)
+        numbers = numbers.view(1, -1, 1).expand(size.shape[0], -1, 1)
+        take, rows = dead_code_replacements(size, self.threshold_ema_dead_code, numbers)
+        packed = comm.broadcast(torch.cat([rows, take.unsqueeze(-1).long()], dim=-1), src=0)
+        rows, take = packed[..., 0], packed[..., 1].bool()
+        if not bool(take.any()):
+            return None
+        start = sum(lengths[: comm.rank])
+        segment, within = rows // total, rows % total - start
+        mine = take & (within >= 0) & (within < local)
+        vectors = pools.new_zeros(*take.shape, pools.shape[-1])
+        if local > 0:
+            index = (segment * local + within).clamp(0, pools.shape[1] - 1)
+            picked = pools.gather(1, index.unsqueeze(-1).expand(-1, -1, pools.shape[-1]))
+            vectors = torch.where(mine.unsqueeze(-1), picked, vectors)
+        return take, comm.all_reduce(vectors, "sum")
 
     def _pools(self, latents: Tensor, valid: Tensor | None) -> Tensor:
         raise NotImplementedError

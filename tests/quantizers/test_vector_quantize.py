@@ -367,10 +367,12 @@ def test_communicator_installed_after_construction_is_used() -> None:
     assert install_communicator(vq, comm) == 1
     x = torch.randn(1, 30, 4)
     _, indices, _ = vq(x)
-    assert comm.calls == ["broadcast:0", "all_reduce:sum"]
-    # k-means sets cluster_size to its final counts, which are this batch's counts again
+    # k-means gathers the ranks' token counts, then their tokens; rank 0's result is broadcast
+    assert comm.calls == ["all_gather", "all_gather", "broadcast:0", "all_reduce:sum"]
+    # k-means of the union (this batch twice) sets cluster_size to twice this batch's counts,
+    # and the EMA step adds the doubled counts again
     counts = torch.bincount(indices.reshape(-1), minlength=8).float()
-    torch.testing.assert_close(vq.cluster_size, decay * counts + (1 - decay) * 2 * counts)
+    torch.testing.assert_close(vq.cluster_size, decay * 2 * counts + (1 - decay) * 2 * counts)
 
 
 def test_dead_code_replacement_broadcasts() -> None:
@@ -378,7 +380,8 @@ def test_dead_code_replacement_broadcasts() -> None:
     comm = DoublingCommunicator()
     vq.set_communicator(comm)
     vq(torch.randn(1, 30, 4))
-    assert comm.calls == ["all_reduce:sum", "broadcast:0"]
+    # EMA statistics; the ranks' token counts; rank 0's choice of union rows; the chosen rows
+    assert comm.calls == ["all_reduce:sum", "all_gather", "broadcast:0", "all_reduce:sum"]
 
 
 def test_build_by_name() -> None:
