@@ -236,8 +236,8 @@ class VectorQuantize(CodebookState):
         """(N, heads) indices into the stacked (C*K, d) codebook for (N, heads, d) latents."""
         bias = code_scores_bias(codebook, self.use_cosine_sim)
         n, heads, d = latents.shape
-        search = {"temperature": temperature, "use_cosine_sim": self.use_cosine_sim}
-        search["normalized"] = self.use_cosine_sim  # latents and codebook are unit rows
+        cosine = self.use_cosine_sim  # then latents and codebook are unit rows already
+        search = {"temperature": temperature, "use_cosine_sim": cosine, "normalized": cosine}
         if self.num_books == 1:
             found = nearest_code(latents.reshape(n * heads, d), codebook, bias=bias, **search)
             return found.view(n, heads)

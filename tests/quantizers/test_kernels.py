@@ -13,6 +13,7 @@ from src.quantizers.kernels import (
     l2_normalize,
     nearest_code,
     rotate_to,
+    row_argmax,
     straight_through,
 )
 
@@ -29,6 +30,25 @@ def test_nearest_code_equals_cdist_argmin(block: int) -> None:
     got = nearest_code(x, codebook, max_block_elements=block)
     assert got.dtype == torch.int64
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("num_codes", [1000, 1024, 4096])  # 1000: not whole chunks
+def test_row_argmax_is_the_first_maximum(num_codes: int) -> None:
+    scores = torch.randn(97, num_codes)
+    assert torch.equal(row_argmax(scores), scores.argmax(dim=-1))
+    tied = scores.round(decimals=0)  # many equal maxima per row: the first one must win
+    first = (tied == tied.amax(dim=-1, keepdim=True)).float().argmax(dim=-1)
+    assert torch.equal(row_argmax(tied), first)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_nearest_code_large_codebook_equals_float64_brute_force(cosine: bool) -> None:
+    x, codebook = torch.randn(700, 32), torch.randn(2048, 32)
+    x64, c64 = x.double(), codebook.double()
+    if cosine:
+        x64, c64 = F.normalize(x64, dim=-1), F.normalize(c64, dim=-1)
+    expected = torch.cdist(x64, c64).argmin(dim=-1)
+    assert torch.equal(nearest_code(x, codebook, use_cosine_sim=cosine), expected)
 
 
 def test_nearest_code_cosine_equals_argmax_of_normalised_dot() -> None:

@@ -8,7 +8,13 @@ from src.quantizers.kernels.codebook_ops import (
     smoothed_codebook,
 )
 from src.quantizers.kernels.kmeans import cluster_statistics, kmeans, kmeans_plusplus_init
-from src.quantizers.kernels.nearest import code_scores_bias, l2_normalize, nearest_code, unit_rows
+from src.quantizers.kernels.nearest import (
+    code_scores_bias,
+    l2_normalize,
+    nearest_code,
+    row_argmax,
+    unit_rows,
+)
 from src.quantizers.kernels.rotation import rotate_to, rotation_grad, straight_through
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "orthogonal_loss",
     "rotate_to",
     "rotation_grad",
+    "row_argmax",
     "smoothed_codebook",
     "straight_through",
     "unit_rows",
