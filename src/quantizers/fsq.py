@@ -18,6 +18,7 @@ from src.quantizers.registry import register_quantizer
 
 _MAX_INDEXABLE = 2**63  # indices are int64: the largest index prod(levels) - 1 must fit
 _BOUND_EPS = 1e-3  # widens the tanh range a little so the outermost levels are reachable
+_FLOAT_EXACT = 2**24  # float32 holds every integer up to this exactly
 
 
 class FSQOutput(NamedTuple):
@@ -25,6 +26,25 @@ class FSQOutput(NamedTuple):
 
     quantized: Tensor
     indices: Tensor | None
+
+
+class _RoundBounded(torch.autograd.Function):
+    """codes = round(tanh(z + shift)·half_l - offset) / half_width with the gradient of the
+    unrounded value (straight-through), in one node: the tanh derivative is kept from the
+    forward pass, so the backward is a single multiply. Also returns the rounded levels."""
+
+    @staticmethod
+    def forward(ctx, z, shift, half_l, offset, half_width):  # type: ignore[override]
+        squashed = torch.tanh(z + shift)
+        rounded = torch.addcmul(-offset, squashed, half_l).round_()
+        ctx.save_for_backward((1.0 - squashed * squashed).mul_(half_l / half_width))
+        ctx.mark_non_differentiable(rounded)
+        return rounded / half_width, rounded
+
+    @staticmethod
+    def backward(ctx, grad_codes, grad_rounded):  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return grad_codes * slope, None, None, None, None
 
 
 @register_quantizer("fsq")
@@ -100,6 +120,9 @@ class FSQ(nn.Module):
         if self.codebook_size <= _MAX_INDEXABLE:
             basis = [math.prod(levels[:i]) for i in range(len(levels))]
             self.register_buffer("_basis", torch.tensor(basis, dtype=torch.int64), persistent=False)
+            self.register_buffer("_basis_float", self._basis.float(), persistent=False)
+            offset_index = sum(b * (lv // 2) for b, lv in zip(basis, levels, strict=True))
+            self._index_offset = float(offset_index)  # index of the all-lowest code is 0
         else:
             self._basis = None
 
@@ -111,13 +134,15 @@ class FSQ(nn.Module):
     def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Codes in [-1, 1] of `z` (..., codebook_dim) and their int64 indices (...)."""
         half_width = self._half_width.to(z.dtype)
-        bounded = self.bound(z)
-        rounded = bounded.round()
-        # Straight-through: value exactly `rounded`, gradient that of `bounded`.
-        codes = (rounded + (bounded - bounded.detach())) / half_width
+        shift, half_l, offset = (b.to(z.dtype) for b in (self._shift, self._half_l, self._offset))
+        codes, rounded = _RoundBounded.apply(z, shift, half_l, offset, half_width)
         if not self.return_indices:
             return codes, None
-        digits = (rounded.detach() + half_width).long()
+        if self.codebook_size <= _FLOAT_EXACT and rounded.dtype == torch.float32:
+            # mixed radix as one small matmul: exact, every partial sum is an integer < 2^24
+            flat = torch.mv(rounded.reshape(-1, self.codebook_dim), self._basis_float)
+            return codes, flat.add_(self._index_offset).long().view(rounded.shape[:-1])
+        digits = (rounded + half_width).long()
         return codes, (digits * self._basis).sum(dim=-1)
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
