@@ -1,7 +1,8 @@
 """Shared machinery of the quantizer benchmarks: cases, timing, peak memory, the table.
 
 A case builds our module and, optionally, the reference library's module on identical
-inputs; both run forward+backward in training mode in this process, one after the other.
+inputs; both run forward+backward in training mode in this process, one after the other,
+and the reported time is the median step (robust to scheduler noise on a shared machine).
 Peak memory is the rise of the process's resident-set high-water mark (Linux VmHWM, reset
 through /proc/self/clear_refs) over the resident size before the timed steps, so it counts
 every allocation torch makes on the CPU, not only tensors Python can see.
@@ -10,6 +11,7 @@ every allocation torch makes on the CPU, not only tensors Python can see.
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -77,20 +79,39 @@ def default_objective(output: object, x: Tensor) -> Tensor:
     return value
 
 
+# Fast cases repeat until this much time has passed (at most MAX_STEPS steps), so the median
+# step rests on enough samples to shrug off scheduler noise on a shared machine.
+MIN_SECONDS = 1.0
+MAX_STEPS = 200
+
+
 def run_steps(module: nn.Module, x: Tensor, case: Case) -> Result:
-    """Warm up once, then time `case.steps` forward+backward steps and record peak memory."""
+    """Warm up once, measure the peak memory of one step, then time at least `case.steps`
+    forward+backward steps (more for fast cases, see MIN_SECONDS); the time is the median.
+
+    Peak memory comes from a single step of its own: over many steps the resident size also
+    collects allocator fragmentation, which says more about glibc than about the quantizer.
+    """
     objective = case.objective or default_objective
     module.train()
-    inputs = x.clone().requires_grad_(x.is_floating_point())
-    objective(module(inputs), inputs).backward()  # warm-up (k-means init, lazy buffers, ...)
-    baseline = reset_peak_rss()
-    start = time.perf_counter()
-    for _ in range(case.steps):
+
+    def step() -> float:
+        start = time.perf_counter()
         inputs = x.clone().requires_grad_(x.is_floating_point())
         module.zero_grad(set_to_none=True)
         objective(module(inputs), inputs).backward()
-    seconds = (time.perf_counter() - start) / case.steps
-    return Result(seconds, peak_rss_rise_mib(baseline), case.tokens / seconds)
+        return time.perf_counter() - start
+
+    step()  # warm-up (k-means init, lazy buffers, ...)
+    baseline = reset_peak_rss()
+    durations = [step()]
+    peak_mib = peak_rss_rise_mib(baseline)
+    while len(durations) < case.steps or (
+        sum(durations) < MIN_SECONDS and len(durations) < MAX_STEPS
+    ):
+        durations.append(step())
+    seconds = statistics.median(durations)
+    return Result(seconds, peak_mib, case.tokens / seconds)
 
 
 def bench_case(case: Case, with_reference: bool = True) -> dict[str, Result | str]:
