@@ -19,12 +19,14 @@ from torch import Tensor, nn
 from src.quantizers.collectives import all_gather_varying
 from src.quantizers.kernels import (
     code_scores_bias,
+    cosine_rotate_commit,
     kmeans,
     masked_mse,
     nearest_code,
     rotate_to,
     straight_through,
     unit_rows,
+    unit_rows_and_scale,
 )
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vq_state import CodebookState
@@ -278,11 +280,15 @@ class VectorQuantize(CodebookState):
         n, heads, d = positions.numel(), self.heads, self.codebook_dim
 
         latents = self.project_in(tokens.reshape(n, self.dim)).float().view(n, heads, d)
-        if self.use_cosine_sim:
-            latents = unit_rows(latents)
-
         frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         update = self.training and not frozen
+        fused = self._fused_cosine(valid, frozen)
+        if fused:  # normalised without a graph; cosine_rotate_commit differentiates it
+            raw = latents
+            latents, scale = unit_rows_and_scale(raw)
+        elif self.use_cosine_sim:
+            latents = unit_rows(latents)
+
         if update and self.kmeans_init and not self._is_initted():
             self._init_by_kmeans(latents.detach(), valid)
 
@@ -292,10 +298,13 @@ class VectorQuantize(CodebookState):
         flat_idx = self._search(latents, codebook, temp)
         codes = F.embedding(flat_idx, codebook)
 
-        loss = self._loss(latents, codes, flat_idx, valid, frozen)
-        estimator = rotate_to if self.rotation_trick else straight_through
-        out = estimator(latents, codes.detach()).reshape(n, heads * d).to(x.dtype)
-        out = self.project_out(out)
+        if fused:
+            out, loss = cosine_rotate_commit(raw, latents, scale, codes, self.commitment_weight)
+        else:
+            loss = self._loss(latents, codes, flat_idx, valid, frozen)
+            estimator = rotate_to if self.rotation_trick else straight_through
+            out = estimator(latents, codes.detach())
+        out = self.project_out(out.reshape(n, heads * d).to(x.dtype))
 
         if update:
             self._update_codebook(latents.detach(), flat_idx, valid)
@@ -307,6 +316,18 @@ class VectorQuantize(CodebookState):
         quantized = self._from_tokens(out.reshape(*positions, self.dim))
         index_shape = (*positions, heads) if heads > 1 else positions
         return VQOutput(quantized, local_idx.reshape(index_shape), loss.reshape(1))
+
+    def _fused_cosine(self, valid: Tensor | None, frozen: bool) -> bool:
+        """Whether the commitment loss, rotation trick and normalisation can run as one node:
+        cosine codes, rotation trick, no mask, no gradient for the codebook, no extra loss."""
+        codebook_learns = self.learnable_codebook and not frozen
+        return (
+            self.use_cosine_sim
+            and self.rotation_trick
+            and valid is None
+            and not codebook_learns
+            and self.orthogonal_reg_weight == 0
+        )
 
     def _loss(
         self, latents: Tensor, codes: Tensor, flat_idx: Tensor, valid: Tensor | None, frozen: bool

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from src.quantizers.kernels import (
     cluster_statistics,
+    cosine_rotate_commit,
     kmeans,
     kmeans_plusplus_init,
     l2_normalize,
@@ -15,6 +16,8 @@ from src.quantizers.kernels import (
     rotate_to,
     row_argmax,
     straight_through,
+    unit_rows,
+    unit_rows_and_scale,
 )
 
 
@@ -183,3 +186,26 @@ def test_kmeans_plusplus_picks_distinct_samples(num_clusters: int) -> None:
     assert centres.shape == (num_clusters, 4)
     assert torch.unique(centres, dim=0).shape[0] == num_clusters
     assert (centres[:, None] == samples[None]).all(-1).any(-1).all()  # centres are samples
+
+
+def test_cosine_rotate_commit_equals_normalise_rotate_and_mse() -> None:
+    x = torch.randn(40, 12) * 3
+    x[0] = 0.0  # zero latent: straight-through
+    codes = l2_normalize(torch.randn(40, 12))
+    codes[1] = -l2_normalize(x[1])  # antipodal: reflection
+    codes[2] = 0.0  # zero code
+    g, weight = torch.randn(40, 12), 0.7
+
+    ref_leaf = x.clone().requires_grad_(True)
+    unit = unit_rows(ref_leaf)
+    ref_out, ref_loss = rotate_to(unit, codes), weight * F.mse_loss(unit, codes)
+    ((ref_out * g).sum() + 3.0 * ref_loss).backward()
+
+    leaf = x.clone().requires_grad_(True)
+    fused_unit, scale = unit_rows_and_scale(leaf)
+    out, loss = cosine_rotate_commit(leaf, fused_unit, scale, codes, weight)
+    ((out * g).sum() + 3.0 * loss).backward()
+
+    assert torch.equal(out.detach(), codes)
+    torch.testing.assert_close(loss, ref_loss.detach())
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-4, atol=1e-5)

@@ -307,6 +307,23 @@ def test_masked_positions_take_no_part(kwargs: dict) -> None:
         torch.testing.assert_close(masked_vq.state_dict()[name], value, msg=name)
 
 
+def test_cosine_fused_path_equals_the_general_path() -> None:
+    """No mask takes the one-node cosine path; an all-True mask takes the general one."""
+    fused_vq = VectorQuantize(dim=6, codebook_size=16, use_cosine_sim=True, codebook_dim=4)
+    general_vq = copy.deepcopy(fused_vq)
+    x, g = torch.randn(3, 10, 6), torch.randn(3, 10, 6)
+    results = []
+    for vq, mask in ((fused_vq, None), (general_vq, torch.ones(3, 10, dtype=torch.bool))):
+        leaf = x.clone().requires_grad_(True)
+        quantized, indices, loss = vq(leaf, mask=mask)
+        ((quantized * g).sum() + 2.0 * loss.sum()).backward()
+        results.append(
+            (quantized.detach(), indices, loss.detach(), leaf.grad, vq.project_in.weight.grad)
+        )
+    for fused, general in zip(*results, strict=True):
+        torch.testing.assert_close(fused, general, rtol=1e-4, atol=1e-5)
+
+
 # ---- learnable codebook ---------------------------------------------------------------------
 
 

@@ -14,12 +14,19 @@ from src.quantizers.kernels.nearest import (
     nearest_code,
     row_argmax,
     unit_rows,
+    unit_rows_and_scale,
 )
-from src.quantizers.kernels.rotation import rotate_to, rotation_grad, straight_through
+from src.quantizers.kernels.rotation import (
+    cosine_rotate_commit,
+    rotate_to,
+    rotation_grad,
+    straight_through,
+)
 
 __all__ = [
     "cluster_statistics",
     "code_scores_bias",
+    "cosine_rotate_commit",
     "dead_code_replacements",
     "kmeans",
     "kmeans_plusplus_init",
@@ -33,4 +40,5 @@ __all__ = [
     "smoothed_codebook",
     "straight_through",
     "unit_rows",
+    "unit_rows_and_scale",
 ]

@@ -111,13 +111,19 @@ def nearest_code(
         return out
 
 
+def unit_rows_and_scale(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x / |x| along the last dim and the norm it divided by (floored at NORM_EPS, so zero
+    rows stay zero), without autograd: the pieces a fused backward needs."""
+    with torch.no_grad():
+        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+        return x / scale, scale
+
+
 class _UnitRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-        scale = norm.clamp_min(NORM_EPS)
-        y = x / scale
-        ctx.save_for_backward(y, scale, norm > NORM_EPS)
+        y, scale = unit_rows_and_scale(x)
+        ctx.save_for_backward(y, scale, scale > NORM_EPS)
         return y
 
     @staticmethod

@@ -9,6 +9,7 @@ per-row reductions: no (N, D, D) rotation matrix and no forward-time arithmetic 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from src.quantizers.kernels.nearest import NORM_EPS
@@ -88,3 +89,52 @@ def rotate_to(e: Tensor, q: Tensor) -> Tensor:
     are antipodal R is the reflection I - 2uuᵀ. `q` gets no gradient.
     """
     return _RotateTo.apply(e, q.detach())
+
+
+class _CosineRotateCommit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, unit, scale, q, weight):  # type: ignore[override]
+        ctx.save_for_backward(unit, q, scale)
+        ctx.weight = weight
+        ctx.x_dtype = x.dtype
+        return q.view_as(q), F.mse_loss(unit, q) * weight
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_loss):  # type: ignore[override]
+        unit, q, scale = ctx.saved_tensors
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            g = grad_out.float()
+            # commitment: d/du of weight·mean((u - q)²) is k·(u - q)
+            k = grad_loss.float() * (2.0 * ctx.weight / unit.numel())
+            a, b, c = _rows_dot(g, unit), _rows_dot(g, q), _rows_dot(unit, q)
+            # a zero code q needs no special case: g - a·u is what straight-through leaves
+            # once the radial part is dropped
+            moving = scale > NORM_EPS
+            s = torch.where(
+                1.0 + c > ANTIPODAL_TOL, (a + b) / (1.0 + c).clamp_min(ANTIPODAL_TOL), 0.0
+            )
+            # gradient at the unit vector: g + alpha·u - beta·q (rotation trick for |u| = |q| = 1)
+            alpha = torch.where(moving, 2.0 * b - s, 0.0) + k
+            beta = torch.where(moving, s, 0.0) + k
+            # through u = x/|x|: drop the radial part u(u·g_u), then divide by |x|
+            radial = torch.where(moving, a + alpha - beta * c, 0.0)
+            inv = scale.reciprocal()
+            grad_x = (g * inv).addcmul_(unit, (alpha - radial) * inv)
+            grad_x.addcmul_(q, beta * inv, value=-1.0)  # in place: one row-sized temporary
+        return grad_x.to(ctx.x_dtype), None, None, None, None
+
+
+def cosine_rotate_commit(
+    x: Tensor, unit: Tensor, scale: Tensor, q: Tensor, weight: float
+) -> tuple[Tensor, Tensor]:
+    """`rotate_to(unit_rows(x), q)` and `weight · mse(unit_rows(x), q)` as one autograd node.
+
+    For cosine codebooks, where both the normalised latent `unit` (= x / scale, from
+    `unit_rows_and_scale`) and the code `q` are unit rows, the rotation needs no norms, and
+    the gradients of the rotation, the commitment loss and the normalisation combine into
+    g/|x| + α·u - β·q per row from three row dot products: about half the passes over the
+    rows of the three separate nodes. Rows whose latent norm is at most NORM_EPS fall back to
+    straight-through (`rotate_to` would still rotate a nonzero latent that short).
+    Returns (output with the value of `q`, loss).
+    """
+    return _CosineRotateCommit.apply(x, unit, scale, q.detach(), float(weight))
