@@ -1,8 +1,9 @@
 """Shared machinery of the quantizer benchmarks: cases, timing, peak memory, the table.
 
 A case builds our module and, optionally, the reference library's module on identical
-inputs; both run forward+backward in training mode in this process, one after the other,
-and the reported time is the median step (robust to scheduler noise on a shared machine).
+inputs; both run forward+backward in training mode in this process, their timed steps
+alternating so both see the same machine, and the reported time is each one's median step
+(robust to scheduler noise on a shared machine).
 Peak memory is the rise of the process's resident-set high-water mark (Linux VmHWM, reset
 through /proc/self/clear_refs) over the resident size before the timed steps, so it counts
 every allocation torch makes on the CPU, not only tensors Python can see.
@@ -85,13 +86,8 @@ MIN_SECONDS = 1.0
 MAX_STEPS = 200
 
 
-def run_steps(module: nn.Module, x: Tensor, case: Case) -> Result:
-    """Warm up once, measure the peak memory of one step, then time at least `case.steps`
-    forward+backward steps (more for fast cases, see MIN_SECONDS); the time is the median.
-
-    Peak memory comes from a single step of its own: over many steps the resident size also
-    collects allocator fragmentation, which says more about glibc than about the quantizer.
-    """
+def make_step(module: nn.Module, x: Tensor, case: Case) -> Callable[[], float]:
+    """One timed forward+backward step of `module` in training mode on a fresh copy of `x`."""
     objective = case.objective or default_objective
     module.train()
 
@@ -102,23 +98,31 @@ def run_steps(module: nn.Module, x: Tensor, case: Case) -> Result:
         objective(module(inputs), inputs).backward()
         return time.perf_counter() - start
 
-    step()  # warm-up (k-means init, lazy buffers, ...)
+    return step
+
+
+def peak_of_one_step(step: Callable[[], float]) -> float:
+    """Resident-memory rise (MiB) of a single step. Over many steps the resident size also
+    collects allocator fragmentation, which says more about glibc than about the quantizer."""
     baseline = reset_peak_rss()
-    durations = [step()]
-    peak_mib = peak_rss_rise_mib(baseline)
-    while len(durations) < case.steps or (
-        sum(durations) < MIN_SECONDS and len(durations) < MAX_STEPS
-    ):
-        durations.append(step())
-    seconds = statistics.median(durations)
-    return Result(seconds, peak_mib, case.tokens / seconds)
+    step()
+    return peak_rss_rise_mib(baseline)
 
 
 def bench_case(case: Case, with_reference: bool = True) -> dict[str, Result | str]:
-    """Run our implementation and (if given) the reference on the same input."""
+    """Run our implementation and (if given) the reference on the same input.
+
+    Each is warmed up once (k-means init, lazy buffers, ...) and its peak memory taken from
+    one step; then their timed steps alternate, ours then the reference's, so both see the
+    same machine: at least `case.steps` each, more for fast cases (see MIN_SECONDS). The
+    time reported is each one's median step.
+    """
     torch.manual_seed(0)
     x = case.make_input()
     results: dict[str, Result | str] = {}
+    steps: dict[str, Callable[[], float]] = {}
+    peaks: dict[str, float] = {}
+    modules = []
     for label, build in (("ours", case.ours), ("reference", case.reference)):
         if build is None or (label == "reference" and not with_reference):
             continue
@@ -126,10 +130,25 @@ def bench_case(case: Case, with_reference: bool = True) -> dict[str, Result | st
             results[label] = case.reference_skip_reason
             continue
         torch.manual_seed(0)
-        module = build()
-        results[label] = run_steps(module, x, case)
-        del module
-        gc.collect()
+        modules.append(build())
+        steps[label] = make_step(modules[-1], x, case)
+        steps[label]()  # warm-up
+        peaks[label] = peak_of_one_step(steps[label])
+    durations: dict[str, list[float]] = {label: [] for label in steps}
+
+    def more() -> bool:
+        done = min((len(d) for d in durations.values()), default=case.steps)
+        elapsed = sum(sum(d) for d in durations.values())
+        return done < case.steps or (elapsed < MIN_SECONDS * len(steps) and done < MAX_STEPS)
+
+    while more():
+        for label, step in steps.items():
+            durations[label].append(step())
+    for label, times in durations.items():
+        seconds = statistics.median(times)
+        results[label] = Result(seconds, peaks[label], case.tokens / seconds)
+    del modules
+    gc.collect()
     return results
 
 
