@@ -7,8 +7,6 @@ file only builds VectorQuantize layers, projects in and out once, and handles in
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -19,8 +17,6 @@ from src.quantizers.grouped import GroupedResidual
 from src.quantizers.registry import register_quantizer
 from src.quantizers.residual import ResidualStack, share_communicator
 from src.quantizers.vector_quantize import VectorQuantize
-
-_UPDATE_METHOD = "_update_codebook"  # VectorQuantize's hook for all EMA / dead-code changes
 
 
 class ResidualVQOutput(NamedTuple):
@@ -39,39 +35,6 @@ class ResidualVQCodesOutput(NamedTuple):
     indices: Tensor
     loss: Tensor
     all_codes: Tensor
-
-
-def _concat_calls(values: list[Any]) -> Any:
-    if all(v is None for v in values):
-        return None
-    if all(isinstance(v, Tensor) for v in values):
-        return torch.cat(values, dim=0)
-    if all(v == values[0] for v in values):
-        return values[0]
-    raise ValueError("deferred codebook updates got arguments that cannot be pooled")
-
-
-@contextmanager
-def pooled_vq_updates(vq: nn.Module) -> Iterator[None]:
-    """Collect a shared VectorQuantize's codebook updates over several calls, apply them once.
-
-    Every call's (latents, indices, valid) are concatenated along the token axis, so the EMA
-    takes one step with the statistics of all depths together (and dead codes are replaced
-    from all depths' residuals), exactly as if the depths were one big batch. The number of
-    calls goes along as `segments`, so under DDP the union of the ranks' residuals keeps the
-    depth-by-depth order one process would see. The codebook stays fixed within the pass, so
-    all depths quantize against the same codes.
-    """
-    calls: list[tuple[tuple, dict]] = []
-    vq.__dict__[_UPDATE_METHOD] = lambda *args, **kwargs: calls.append((args, kwargs))
-    try:
-        yield
-    finally:
-        del vq.__dict__[_UPDATE_METHOD]
-    if calls:
-        args = [_concat_calls(list(vals)) for vals in zip(*(c[0] for c in calls), strict=True)]
-        kwargs = {k: _concat_calls([c[1][k] for c in calls]) for k in calls[0][1]}
-        getattr(vq, _UPDATE_METHOD)(*args, segments=len(calls), **kwargs)
 
 
 @register_quantizer("rvq")
@@ -123,15 +86,13 @@ class ResidualVQ(Distributable):
                 **vq_kwargs,
             )  # fmt: skip
 
-        if shared_codebook and not callable(getattr(VectorQuantize, _UPDATE_METHOD, None)):
-            raise RuntimeError(f"shared_codebook needs VectorQuantize.{_UPDATE_METHOD}")
         self.stack = ResidualStack(
             [make_layer()] if shared_codebook else [make_layer() for _ in range(num_quantizers)],
             depth=num_quantizers if shared_codebook else None,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
-            defer_updates=pooled_vq_updates if shared_codebook else None,
+            defer_updates=VectorQuantize.pooled_updates if shared_codebook else None,
         )
 
     def set_communicator(self, communicator: Communicator) -> None:

@@ -307,7 +307,7 @@ class VectorQuantize(CodebookState):
         out = self.project_out(out.reshape(n, heads * d).to(x.dtype))
 
         if update:
-            self._update_codebook(latents.detach(), flat_idx, valid)
+            self._update_or_pool(latents.detach(), flat_idx, valid)
 
         local_idx = flat_idx - self._head_offsets(flat_idx.device)
         if valid is not None:

@@ -11,7 +11,8 @@ batch. On a single process nothing here syncs with the host in the unmasked trai
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,6 +68,7 @@ class CodebookState(Distributable):
         self.register_buffer("embed_avg", embed.clone())
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self._initted_seen = not kmeans_init  # host copy of `initted`, read without a sync
+        self._pooled: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -116,6 +118,43 @@ class CodebookState(Distributable):
         self.books_avg().copy_(centres * counts.unsqueeze(-1))
         self.initted.fill_(True)
         self._initted_seen = True
+
+    @contextmanager
+    def pooled_updates(self) -> Iterator[None]:
+        """Collect the codebook updates of the training calls inside the block, apply once.
+
+        Every call quantizes against the same, unchanged codebook; on leaving the block their
+        tokens are concatenated in call order into one EMA step and one dead-code revival,
+        exactly as if the calls had been one batch (ResidualVQ with a shared codebook updates
+        it from all depths this way). Nothing is applied if the block raises.
+        """
+        if self._pooled is not None:
+            raise RuntimeError("pooled_updates() blocks do not nest")
+        self._pooled = []
+        try:
+            yield
+            calls = self._pooled
+        finally:
+            self._pooled = None
+        if calls:
+            latents = torch.cat([c[0] for c in calls])
+            flat_idx = torch.cat([c[1] for c in calls])
+            valid = None
+            if any(c[2] is not None for c in calls):
+                valid = torch.cat(
+                    [
+                        c[2] if c[2] is not None else c[1].new_ones(c[1].shape[0], dtype=torch.bool)
+                        for c in calls
+                    ]
+                )
+            self._update_codebook(latents, flat_idx, valid, segments=len(calls))
+
+    def _update_or_pool(self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None) -> None:
+        """Update the codebook now, or keep the statistics for the enclosing pooled_updates()."""
+        if self._pooled is None:
+            self._update_codebook(latents, flat_idx, valid)
+        else:
+            self._pooled.append((latents, flat_idx, valid))
 
     @torch.no_grad()
     def _update_codebook(

@@ -416,3 +416,19 @@ def test_half_cast_keeps_codebook_state_float32() -> None:
     assert all(t.dtype == torch.float32 for t in (vq.embed, vq.embed_avg, vq.cluster_size))
     quantized, _, _ = vq(torch.randn(2, 3, 8, dtype=torch.bfloat16))
     assert quantized.dtype == torch.bfloat16
+
+
+def test_pooled_updates_equal_one_update_on_the_concatenated_batch() -> None:
+    pooled = VectorQuantize(dim=4, codebook_size=8, decay=0.5, threshold_ema_dead_code=2.0)
+    single = copy.deepcopy(pooled)
+    first, second = torch.randn(1, 20, 4), torch.randn(1, 12, 4)
+    embed_before = pooled.embed.clone()
+    torch.manual_seed(3)
+    with pooled.pooled_updates():
+        pooled(first)
+        assert torch.equal(pooled.embed, embed_before)  # nothing moves inside the block
+        pooled(second)
+    torch.manual_seed(3)
+    single(torch.cat([first, second], dim=1))
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(pooled.state_dict()[name], value, msg=name)
