@@ -74,24 +74,18 @@ def train_steps_with_history(
 def train_with_sgd(
     quantizer: nn.Module, batches: list[Tensor], communicator: Communicator = SINGLE_PROCESS
 ) -> dict[str, Tensor]:
-    """SGD steps on the quantizer's own parameters, gradients averaged over ranks as DDP does.
-
-    Returns the final state dict plus each step's loss as `loss<i>` (the local loss: equal
-    to the single process's only for terms that are global, such as the batch entropy).
-    """
+    """SGD steps on the quantizer's own parameters, gradients averaged over ranks as DDP does;
+    returns the final state dict (parameters included)."""
     quantizer.train()
     optimizer = torch.optim.SGD(quantizer.parameters(), lr=0.5)
-    losses: dict[str, Tensor] = {}
-    for step, batch in enumerate(batches):
+    for batch in batches:
         optimizer.zero_grad()
-        loss = _loss(quantizer(batch.clone()))
-        loss.backward()
+        _loss(quantizer(batch.clone())).backward()
         for param in quantizer.parameters():
             if param.grad is not None and communicator.world_size > 1:
                 param.grad.copy_(communicator.all_reduce(param.grad, "mean"))
         optimizer.step()
-        losses[f"loss{step}"] = loss.detach()
-    return {**_state(quantizer), **losses}
+    return _state(quantizer)
 
 
 @dataclass(frozen=True)
