@@ -8,12 +8,14 @@ from typing import Any
 import soundfile as sf
 import torch
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from src.loggers.media import log_audio
 
 
 class AudioReconstructions(Callback):
     """After each validation, `<dirpath>/epoch=EEE-step=SSSSSS/clip_NN_{input,recon}.wav` for the
-    first `num_clips` validation items; also logged to TensorBoard and W&B when present."""
+    first `num_clips` validation items; also logged to TensorBoard and W&B when present, as
+    `val/audio/clip_NN_{input,recon}`."""
 
     def __init__(self, dirpath: str, num_clips: int = 4) -> None:
         self.dirpath = Path(dirpath)
@@ -51,15 +53,6 @@ class AudioReconstructions(Callback):
             for kind, wave in (("input", clip), ("recon", recon)):
                 samples = wave.reshape(-1).clamp(-1, 1).numpy()
                 sf.write(folder / f"clip_{i:02d}_{kind}.wav", samples, rate, subtype="PCM_16")
-                self._to_loggers(trainer, f"audio/clip_{i:02d}_{kind}", samples, rate)
+                tag = f"val/audio/clip_{i:02d}_{kind}"
+                log_audio(trainer.loggers, tag, samples, rate, trainer.global_step)
         self.last_path = folder
-
-    @staticmethod
-    def _to_loggers(trainer: Trainer, tag: str, samples: Any, rate: int) -> None:
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_audio(tag, samples, trainer.global_step, sample_rate=rate)
-            elif isinstance(logger, WandbLogger):
-                import wandb
-
-                logger.experiment.log({tag: wandb.Audio(samples, sample_rate=rate)})

@@ -1,4 +1,5 @@
-"""Saves a PNG of validation inputs beside their reconstructions after every validation."""
+"""Saves a PNG of validation inputs beside their reconstructions after every validation
+(and sends the same grid to TensorBoard / W&B when those loggers are on)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
+
+from src.loggers.media import log_image
 
 
 class ReconstructionGrid(Callback):
-    """Writes `<dirpath>/epoch=EEE-step=SSSSSS.png`: rows alternate inputs and reconstructions."""
+    """Writes `<dirpath>/epoch=EEE-step=SSSSSS.png`: rows alternate inputs and reconstructions;
+    loggers that show images get it as `val/reconstructions`."""
 
     def __init__(self, dirpath: str, num_images: int = 32, images_per_row: int = 8) -> None:
         self.dirpath = Path(dirpath)
@@ -54,10 +58,11 @@ class ReconstructionGrid(Callback):
         rows = []
         for start in range(0, len(inputs), per_row):
             rows += [inputs[start : start + per_row], recons[start : start + per_row]]
-        grid_images = torch.cat(rows)
+        grid = make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = (
             self.dirpath / f"epoch={trainer.current_epoch:03d}-step={trainer.global_step:06d}.png"
         )
-        save_image(grid_images, path, nrow=per_row, padding=2, pad_value=1.0)
+        save_image(grid, path)
         self.last_path = path
+        log_image(trainer.loggers, "val/reconstructions", grid, trainer.global_step)
