@@ -16,6 +16,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from src.callbacks import ConfigInCheckpoint
 from src.utils.config_checks import check_quantizer_config, model_overrides
+from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from src.utils.report import print_config_tree, print_results
 from src.utils.run_files import final_metrics, run_files
@@ -76,7 +77,8 @@ def main(cfg: DictConfig) -> Any:
         warnings.filterwarnings("ignore")
     if cfg.extras.get("print_config"):
         print_config_tree(cfg)
-    metrics = train(cfg)
+    with ddp_job_scope():  # under DDP, a multirun job's ranks run only that job
+        metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric") or "")
 
 
