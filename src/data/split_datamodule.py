@@ -9,6 +9,8 @@ from lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from src.data.resumable_sampler import ResumableRandomSampler
+
 __all__ = ["SplitImageDataModule", "as_tuple", "seeded_split", "split_sizes"]
 
 
@@ -61,7 +63,9 @@ class SplitImageDataModule(LightningDataModule):
 
     The train loader shuffles with its own generator seeded from ``seed`` and
     ``torch.initial_seed()`` (which ``lightning.seed_everything`` sets), so a seeded run repeats
-    its batch order exactly while other code drawing from the global RNG cannot change it.
+    its batch order exactly while other code drawing from the global RNG cannot change it. Its
+    sampler (:attr:`train_sampler`, built once) saves and restores its position, so a resumed
+    run continues the same batch order (``src.callbacks.ResumeState``).
     """
 
     num_channels: int
@@ -82,6 +86,7 @@ class SplitImageDataModule(LightningDataModule):
         self.data_train: Dataset[Tensor] | None = None
         self.data_val: Dataset[Tensor] | None = None
         self.data_test: Dataset[Tensor] | None = None
+        self._train_sampler: ResumableRandomSampler | None = None
 
     def build_splits(self) -> tuple[Dataset[Tensor], Dataset[Tensor], Dataset[Tensor]]:
         """Return the (train, val, test) datasets; each item is one ``(C, H, W)`` float image."""
@@ -96,18 +101,29 @@ class SplitImageDataModule(LightningDataModule):
         """Seed of the train loader's generator: depends on ``seed`` and ``seed_everything``."""
         return (torch.initial_seed() * 1_000_003 + self.seed) % (2**63 - 1)
 
+    @property
+    def train_sampler(self) -> ResumableRandomSampler:
+        """The train loader's shuffling sampler: one per datamodule, its position checkpointed."""
+        if self._train_sampler is None:
+            self.setup()
+            if self.data_train is None:
+                raise RuntimeError(f"{type(self).__name__}.build_splits() returned None for train")
+            self._train_sampler = ResumableRandomSampler(self.data_train, self.shuffle_seed())
+        return self._train_sampler
+
     def _loader(self, dataset: Dataset[Tensor] | None, shuffle: bool) -> DataLoader[Tensor]:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.build_splits() returned None for a split")
-        generator = torch.Generator().manual_seed(self.shuffle_seed()) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=self.train_sampler if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=False,
-            generator=generator,
+            # its own generator: starting an epoch (which draws the workers' base seed) must not
+            # consume the global RNG, or a resumed run would draw different random numbers
+            generator=torch.Generator().manual_seed(self.shuffle_seed()),
             persistent_workers=self.num_workers > 0,
         )
 
