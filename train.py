@@ -15,18 +15,36 @@ from omegaconf import DictConfig, OmegaConf
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from src.callbacks import ConfigInCheckpoint
+from src.callbacks.preemption import RunPreempted
 from src.utils.config_checks import check_quantizer_config, model_overrides
 from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from src.utils.report import print_config_tree, print_results
+from src.utils.resume import resume_point
+from src.utils.run_controller import (
+    clear_final_marker,
+    controller_callbacks,
+    finish_training,
+    roll_back_loggers,
+    trainer_plugins,
+)
 from src.utils.run_files import final_metrics, run_files
+from src.utils.run_name import register_resolvers
+
+register_resolvers()
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, then test the best checkpoint; returns the final validation and test metrics."""
+    """Fit (resuming the run directory's newest checkpoint when the run has a run_name), then
+    test the best checkpoint; returns the final validation and test metrics and throughput."""
     check_quantizer_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    resume = resume_point(cfg, run_dir) if cfg.get("train") else None
+    ckpt_path = cfg.get("ckpt_path") or (str(resume.path) if resume else None)
+    if cfg.get("train"):
+        clear_final_marker(run_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -36,35 +54,51 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
+    controller = controller_callbacks(cfg, run_dir)
+    callbacks.extend(controller)
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    if resume is not None:
+        roll_back_loggers(loggers, resume.global_step)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, **trainer_plugins(cfg)
+    )
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     metrics: dict[str, float] = {}
     files: dict[str, Path | None] = {}
+    status = "success"
     try:
         if cfg.get("train"):
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
-            )
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
             # read now: testing a checkpoint restores the callbacks' state as it was at save time
             metrics.update(final_metrics(trainer))
+            metrics.update(finish_training(trainer, controller, run_dir))
             files = run_files(trainer)
         if cfg.get("test"):
-            ckpt_path = cfg.get("ckpt_path")
+            test_ckpt = cfg.get("ckpt_path")
             if cfg.get("train") and trainer.checkpoint_callback:
-                ckpt_path = trainer.checkpoint_callback.best_model_path or ckpt_path
-            if not ckpt_path:
+                test_ckpt = trainer.checkpoint_callback.best_model_path or test_ckpt
+            if not test_ckpt:
                 log.warning("no checkpoint to test: testing the current weights")
             trainer.test(
-                model, datamodule=datamodule, ckpt_path=ckpt_path or None, weights_only=True
+                model, datamodule=datamodule, ckpt_path=test_ckpt or None, weights_only=True
             )
             metrics.update(final_metrics(trainer, prefixes=("test/",)))
             files = files or run_files(trainer)
+    except RunPreempted as preempted:
+        status = "preempted"
+        log.warning(
+            "preempted by %s: resume by running the same command (checkpoint %s); exit code %s",
+            preempted.signal_name,
+            preempted.checkpoint,
+            preempted.code,
+        )
+        raise
     finally:
-        for logger in loggers:
-            logger.finalize("success")
+        if status != "preempted":  # Lightning already closed them, as "failed"
+            for logger in loggers:
+                logger.finalize("success")
 
     if trainer.is_global_zero:
         print_results(metrics, files)

@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from src.utils.run_name import register_resolvers
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
@@ -21,6 +23,7 @@ def compose_config(
     config_name: str, overrides: list[str] | None = None, output_dir: Path | None = None
 ) -> DictConfig:
     """Compose `configs/<config_name>.yaml` with Hydra's own config set, as a real run would."""
+    register_resolvers()  # the run-directory resolvers that train.py / eval.py register
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
         cfg = compose(config_name, overrides=overrides or [], return_hydra_config=True)

@@ -19,9 +19,9 @@ def run_files(trainer: Trainer) -> dict[str, Path | None]:
         files["best checkpoint"] = (
             Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
         )
-        files["last checkpoint"] = (
-            Path(checkpoint.last_model_path) if checkpoint.last_model_path else None
-        )
+        # written by the periodic checkpoints and at the end of training (src/utils/run_controller)
+        last = Path(checkpoint.dirpath or "") / "last.ckpt"
+        files["last checkpoint"] = last if checkpoint.dirpath and last.is_file() else None
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             files["metrics csv"] = Path(logger.log_dir) / "metrics.csv"

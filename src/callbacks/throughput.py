@@ -1,0 +1,135 @@
+"""Training throughput: `train/steps_per_sec`, `train/samples_per_sec`, `train/tokens_per_sec`.
+
+A token is one code index: latent positions x codes per position (`num_codebooks`), counted at
+the quantizer's input, so a 7x7 latent map with 4 residual codebooks is 196 tokens per image.
+Rates are rolling averages over the last `window_size` training batches (Lightning's `Throughput`),
+summed over ranks, and exclude validation time; `summary()` gives whole-run averages for the final
+table. Lightning's `ThroughputMonitor` is not used as-is: its metric names differ from vqzoo's
+stable ones and it does not count quantizer tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning import Callback, LightningModule, Trainer
+from lightning.fabric.utilities.throughput import Throughput
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+NAMES = ("train/steps_per_sec", "train/samples_per_sec", "train/tokens_per_sec")
+
+
+class TrainingThroughput(Callback):
+    """Logs the three throughput metrics (written by loggers every `log_every_n_steps`)."""
+
+    def __init__(self, window_size: int = 20) -> None:
+        if window_size < 2:
+            raise ValueError(f"throughput window_size must be >= 2 batches, got {window_size}")
+        self.window_size = int(window_size)
+        self._hook: RemovableHandle | None = None
+        self._batch_tokens = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self._throughput: Throughput | None = None
+        self._elapsed = 0.0  # training time only, validation excluded
+        self._since: float | None = None
+        self._batches = self._samples = self._tokens = 0
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        quantizer = getattr(pl_module, "quantizer", None)
+        if isinstance(quantizer, nn.Module) and self._hook is None:
+            self._hook = quantizer.register_forward_pre_hook(self._count_tokens)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _count_tokens(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if module.training and args and isinstance(args[0], Tensor):
+            positions = args[0].shape[:-1].numel()  # (B, tokens, dim) sequences
+            self._batch_tokens += positions * int(getattr(module, "num_codebooks", 1))
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset()
+        self._throughput = Throughput(world_size=trainer.world_size, window_size=self.window_size)
+        self._since = time.perf_counter()
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_tokens = 0
+        if self._since is None:  # after a validation
+            self._since = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._throughput is None:
+            return
+        self._pause(trainer)
+        self._since = time.perf_counter()
+        self._batches += 1
+        self._samples += _batch_size(batch)
+        self._tokens += max(self._batch_tokens, 0)
+        self._throughput.update(
+            time=self._elapsed,
+            batches=self._batches,
+            samples=self._samples,
+            lengths=self._tokens if self._tokens >= self._samples else None,
+        )
+        rates = self._rates(trainer)  # loggers write it every trainer.log_every_n_steps
+        if rates:
+            pl_module.log_dict(rates, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._pause(trainer)
+        self._since = None
+
+    def _pause(self, trainer: Trainer) -> None:
+        if self._since is None:
+            return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._elapsed += time.perf_counter() - self._since
+        self._since = None
+
+    def _rates(self, trainer: Trainer) -> dict[str, float]:
+        """Rolling rates over the window, once the window is full."""
+        assert self._throughput is not None
+        metrics = self._throughput.compute()
+        if "device/batches_per_sec" not in metrics:
+            return {}
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        rates = {
+            "train/steps_per_sec": metrics["device/batches_per_sec"] * world / accumulate,
+            "train/samples_per_sec": metrics["device/samples_per_sec"] * world,
+        }
+        if "device/items_per_sec" in metrics:
+            rates["train/tokens_per_sec"] = metrics["device/items_per_sec"] * world
+        return rates
+
+    def summary(self, trainer: Trainer) -> dict[str, float]:
+        """Whole-run averages of this process's training time (times the world size)."""
+        if self._elapsed <= 0 or self._batches == 0:
+            return {}
+        world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        summary = {
+            "train/steps_per_sec": self._batches / self._elapsed * world / accumulate,
+            "train/samples_per_sec": self._samples / self._elapsed * world,
+        }
+        if self._tokens:
+            summary["train/tokens_per_sec"] = self._tokens / self._elapsed * world
+        return summary
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return int(batch[0].shape[0])
+    return 1

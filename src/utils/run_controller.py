@@ -1,0 +1,91 @@
+"""The pieces train.py adds around `Trainer.fit` for long runs: resume state, preemption,
+throughput, atomic checkpoint writes, logger roll-back, and the final-checkpoint marker that
+`eval.py watch=<dir>` stops at."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning import Callback, Trainer
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+from src.callbacks.preemption import Preemption
+from src.callbacks.resume_state import ResumeState
+from src.callbacks.throughput import TrainingThroughput
+from src.utils.checkpoint_io import AtomicCheckpointIO
+from src.utils.resume import read_checkpoint
+
+log = logging.getLogger(__name__)
+
+# written by train.py into the checkpoint directory when training reached its budget
+FINAL_MARKER = "final.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def controller_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    """RNG/data-order state in checkpoints, preemption on signals, throughput metrics."""
+    preemption = cfg.get("preemption") or {}
+    throughput = cfg.get("throughput") or {}
+    return [
+        ResumeState(),
+        TrainingThroughput(window_size=int(throughput.get("window_size", 20))),
+        Preemption(
+            checkpoint_dir(run_dir),
+            signals=list(preemption.get("signals", ["SIGTERM", "SIGUSR1"])),
+            exit_code=int(preemption.get("exit_code", 75)),
+        ),
+    ]
+
+
+def trainer_plugins(cfg: DictConfig) -> dict[str, Any]:
+    """Atomic checkpoint writes, unless the trainer config brings its own plugins."""
+    if cfg.trainer.get("plugins"):
+        return {}
+    return {"plugins": [AtomicCheckpointIO()]}
+
+
+def roll_back_loggers(loggers: list[Logger], step: int) -> None:
+    """Loggers that can (the CSV one) set aside what was logged after the resumed step."""
+    for logger in loggers:
+        roll_back = getattr(logger, "roll_back", None)
+        if callable(roll_back):
+            moved = roll_back(step)
+            if moved:
+                log.info("%s: moved %d rows logged after step %d aside", logger.name, moved, step)
+
+
+def finish_training(trainer: Trainer, callbacks: list[Callback], run_dir: Path) -> dict[str, float]:
+    """After a completed fit: make sure last.ckpt holds the final step, mark it final, and
+    return the run's throughput summary."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    last = ckpt_dir / "last.ckpt"
+    if trainer.checkpoint_callback is not None and trainer.global_step > 0:
+        if not last.is_file() or int(read_checkpoint(last)["global_step"]) != trainer.global_step:
+            trainer.save_checkpoint(last)
+        if trainer.is_global_zero:
+            write_final_marker(ckpt_dir, trainer.global_step, last)
+    summary: dict[str, float] = {}
+    for callback in callbacks:
+        if isinstance(callback, TrainingThroughput):
+            summary.update(callback.summary(trainer))
+    return summary
+
+
+def write_final_marker(ckpt_dir: Path, global_step: int, checkpoint: Path) -> None:
+    """`final.json`: the step at which training ended and the checkpoint that holds it."""
+    marker = {"global_step": int(global_step), "checkpoint": checkpoint.name}
+    partial = ckpt_dir / f".{FINAL_MARKER}.partial"
+    partial.write_text(json.dumps(marker) + "\n")
+    partial.replace(ckpt_dir / FINAL_MARKER)
+
+
+def clear_final_marker(run_dir: Path) -> None:
+    """A run that trains again is no longer final."""
+    (checkpoint_dir(run_dir) / FINAL_MARKER).unlink(missing_ok=True)

@@ -1,0 +1,71 @@
+"""Stable run names: `run_name=foo` puts a run in logs/<task>/runs/foo/ so re-running resumes it.
+
+Registers two OmegaConf resolvers used by configs/hydra/default.yaml and configs/train.yaml:
+`${run_dir_name:<run_name>,<timestamp>}` (the run directory's last part) and
+`${run_id:<run_name>}` (the id loggers such as W&B resume by; null without a run_name).
+"""
+
+from __future__ import annotations
+
+import re
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+_ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class BadRunNameError(ValueError):
+    """A run_name that cannot name one directory."""
+
+
+def check_run_name(name: object) -> str:
+    """Return ``name`` if it can name a single run directory, else raise BadRunNameError."""
+    text = str(name)
+    if _ALLOWED.fullmatch(text) is None:
+        problem = (
+            "contains a path separator"
+            if "/" in text or "\\" in text
+            else "must start with a letter or digit and use only letters, digits, '.', '_', '-'"
+            " (at most 128 characters)"
+        )
+        raise BadRunNameError(
+            f"run_name={text!r} {problem}: it names one directory under logs/<task>/runs/. "
+            "Pick e.g. run_name=fsq_8x6x5 (use hydra.run.dir=<path> for a directory elsewhere)"
+        )
+    return text
+
+
+def run_dir_name(run_name: object, timestamp: str) -> str:
+    """The run directory's name: the checked run_name, or the timestamp when there is none."""
+    return timestamp if run_name is None else check_run_name(run_name)
+
+
+def run_id(run_name: object) -> str | None:
+    """Logger run id (W&B `id`): the run_name (`<run_name>-<job>` in a multirun), else None."""
+    if run_name is None:
+        return None
+    name = check_run_name(run_name)
+    job_num = _multirun_job_num()
+    return name if job_num is None else f"{name}-{job_num}"
+
+
+def _multirun_job_num() -> int | None:
+    """This job's number when Hydra runs a sweep, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return int(hydra_cfg.job.num)
+
+
+def register_resolvers() -> None:
+    """Register `run_dir_name` and `run_id` once (idempotent)."""
+    for name, resolver in (("run_dir_name", run_dir_name), ("run_id", run_id)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+register_resolvers()

@@ -1,0 +1,136 @@
+"""Kill-and-resume equals an uninterrupted run; preemption by signal; logs continue.
+
+One uninterrupted reference run (module fixture) against runs of train.py in a subprocess that
+are SIGKILLed or sent SIGTERM / SIGUSR1 at a known step, then resumed with the same run_name.
+VQ with k-means init and dead-code replacement draws from the global RNG during training, and
+its EMA codebook lives in buffers, so equality needs every piece of the resume state.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.callbacks.preemption import PREEMPTED_EXIT_CODE
+from src.loggers.resumable_csv import ROLLED_BACK_FILE
+from tests.conftest import compose_config
+from tests.helpers import read_metrics_csv
+from tests.run_control_helpers import start_script, wait_for_file
+from train import train
+
+# 2 epochs of 4 batches = 8 steps; checkpoints every 2 steps (2, 4, 6, 8); validation per epoch
+RUN = [
+    "quantizer=vq",
+    "trainer.max_epochs=2",
+    "+trainer.limit_train_batches=4",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+    "+logger.csv.flush_logs_every_n_steps=1",
+    "callbacks.periodic_checkpoint.every_n_train_steps=2",
+    "callbacks.model_summary=null",
+    "extras.print_config=false",
+    "throughput.window_size=2",
+]
+FINAL = ["val/psnr", "val/loss", "val/codebook/perplexity", "val/codebook/dead_codes", "test/psnr"]
+FINAL += ["test/loss", "test/codebook/perplexity", "test/codebook/utilization"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
+    """Metrics and run directory of the uninterrupted run."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    return train(compose_config("train", RUN, output_dir=run_dir)), run_dir
+
+
+def start_held_run(log_dir: Path, hold_step: int, *extra: str):
+    """train.py run_name=held in a subprocess, held after step ``hold_step``."""
+    flag = log_dir / "held"
+    process = start_script(
+        "train.py",
+        *RUN,
+        *extra,
+        "run_name=held",
+        f"paths.log_dir={log_dir}",
+        "+callbacks.hold._target_=tests.run_control_helpers.HoldAtStep",
+        f"+callbacks.hold.step={hold_step}",
+        f"+callbacks.hold.flag={flag}",
+    )
+    wait_for_file(flag, process)
+    return process, log_dir / "train" / "runs" / "held"
+
+
+def resume(run_dir: Path) -> dict[str, float]:
+    """The same command again, in-process: auto-resume from the run directory."""
+    return train(compose_config("train", [*RUN, "run_name=held"], output_dir=run_dir))
+
+
+def logged(run_dir: Path, name: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one metric in the run's metrics.csv, in file order."""
+    rows = [r for r in read_metrics_csv(run_dir) if r.get(name)]
+    return [int(r["step"]) for r in rows], [float(r[name]) for r in rows]
+
+
+def assert_same_final_metrics(resumed: dict[str, float], expected: dict[str, float]) -> None:
+    for name in FINAL:
+        assert resumed[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path: Path) -> None:
+    expected, reference_dir = reference
+    # held after step 3: the newest checkpoint is step 2, mid-epoch; SIGKILL leaves no chance
+    # to clean up
+    process, run_dir = start_held_run(tmp_path, hold_step=3)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "step_0000002.ckpt").is_file() and not (ckpts / "final.json").exists()
+    assert int(torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]) == 2
+
+    resumed = resume(run_dir)
+    assert_same_final_metrics(resumed, expected)
+    # the same CSV continues: each metric's rows as in the uninterrupted run, no second version
+    for name in ["val/psnr", "train/loss_step", "test/psnr"]:
+        steps, values = logged(run_dir, name)
+        expected_steps, expected_values = logged(reference_dir, name)
+        assert steps == expected_steps, name
+        assert values == pytest.approx(expected_values, rel=1e-5), name
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+    # what the killed attempt logged after step 2 was moved aside, not lost
+    with (run_dir / "csv" / "version_0" / ROLLED_BACK_FILE).open() as file:
+        moved_steps = {int(row["step"]) for row in csv.DictReader(file)}
+    assert moved_steps and min(moved_steps) >= 2
+    assert (ckpts / "final.json").is_file()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_checkpoints_exits_and_resumes(
+    signum: signal.Signals, reference, tmp_path: Path
+) -> None:
+    expected, _ = reference
+    process, run_dir = start_held_run(tmp_path, hold_step=3)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    assert "run the same command to resume" in out + err
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert int(torch.load(last, weights_only=True)["global_step"]) == 3  # the step it was in
+    assert not list(run_dir.glob("checkpoints/.*partial*"))
+
+    assert_same_final_metrics(resume(run_dir), expected)
+
+
+def test_rerunning_a_finished_run_trains_no_further(reference, tmp_path: Path) -> None:
+    expected, reference_dir = reference
+    run_dir = tmp_path / "again"
+    shutil.copytree(reference_dir, run_dir)
+    again = train(compose_config("train", [*RUN, "run_name=again"], output_dir=run_dir))
+    assert again["test/psnr"] == pytest.approx(expected["test/psnr"], rel=1e-6)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 8
