@@ -173,7 +173,11 @@ def markdown_table(rows: Sequence[tuple[Case, dict[str, Result | str]]]) -> str:
                 cells += [str(r or "-"), "-", "-"]
         if isinstance(ours, Result) and isinstance(ref, Result):
             cells.append(f"{ref.seconds_per_step / ours.seconds_per_step:.1f}x")
-            cells.append(f"{ours.peak_mib / max(ref.peak_mib, 1e-9):.2f}")
+            # below 1 MiB the resident-size rise is page-granular noise, not a usable ratio
+            if ref.peak_mib >= 1:
+                cells.append(f"{ours.peak_mib / ref.peak_mib:.2f}")
+            else:
+                cells.append("both < 1 MiB" if ours.peak_mib < 1 else "-")
         else:
             cells += ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
