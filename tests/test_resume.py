@@ -34,6 +34,8 @@ RUN = [
     "+logger.csv.flush_logs_every_n_steps=1",
     "callbacks.periodic_checkpoint.every_n_train_steps=2",
     "callbacks.model_summary=null",
+    "callbacks.reconstruction_grid=null",
+    "callbacks.code_frequencies=null",
     "extras.print_config=false",
     "throughput.window_size=2",
 ]
@@ -123,17 +125,21 @@ SIGUSR1_SLOW = pytest.mark.slow(
 def test_preemption_signal_checkpoints_exits_and_resumes(
     signum: signal.Signals, reference, tmp_path: Path
 ) -> None:
-    expected, _ = reference
-    process, run_dir = start_held_run(tmp_path, hold_step=3)
+    expected, reference_dir = reference
+    # held after step 4, the epoch's last batch, before its validation: the checkpoint is taken
+    # there, and the resumed run must still validate epoch 0 before it trains on
+    process, run_dir = start_held_run(tmp_path, hold_step=4)
     process.send_signal(signum)
     out, err = process.communicate(timeout=300)
     assert process.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     assert "run the same command to resume" in out + err
     last = run_dir / "checkpoints" / "last.ckpt"
-    assert int(torch.load(last, weights_only=True)["global_step"]) == 3  # the step it was in
+    assert int(torch.load(last, weights_only=True)["global_step"]) == 4  # the step it was in
     assert not list(run_dir.glob("checkpoints/.*partial*"))
 
     assert_same_final_metrics(resume(run_dir), expected)
+    steps, _ = logged(run_dir, "val/psnr")
+    assert steps == logged(reference_dir, "val/psnr")[0]  # epoch 0's validation was not skipped
 
 
 def test_rerunning_a_finished_run_trains_no_further(reference, tmp_path: Path) -> None:
@@ -159,3 +165,16 @@ def test_throughput_is_logged_and_summarised(reference) -> None:
     # the whole-run averages reach the returned metrics (and the closing table)
     assert metrics["train/tokens_per_sec"] == pytest.approx(49 * metrics["train/samples_per_sec"])
     assert metrics["train/steps_per_sec"] > 0
+
+
+def test_a_step_checkpoint_due_before_a_validation_is_taken_after_it(reference) -> None:
+    _, run_dir = reference
+
+    def val_batches_done(name: str) -> int:
+        checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+        return int(progress["total"]["completed"])  # counted per epoch
+
+    assert val_batches_done("step_0000006.ckpt") == 0  # mid-epoch 1, no validation yet
+    # step 8 ends epoch 1, whose validation (2 batches) follows: the checkpoint waited for it
+    assert val_batches_done("step_0000008.ckpt") == 2

@@ -4,6 +4,8 @@ exit with a documented code, so that re-running the same command resumes from th
 Lightning's own SIGTERM handling stops mid-validation too, which would checkpoint a half-computed
 epoch metric; this callback replaces Lightning's handlers while training runs and acts only at the
 end of a training step (the point where periodic checkpoints are taken), on every rank at once.
+When a validation is due right after that step, it runs first (Lightning would resume past it)
+and the checkpoint follows at the epoch's end or the next step.
 Works with or without SLURM (`sbatch --signal=B:USR1@120 --requeue`, or a plain `kill -TERM`).
 """
 
@@ -17,6 +19,8 @@ from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from src.callbacks.step_checkpoint import validation_follows
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,7 @@ class Preemption(Callback):
         self.signals = [_signal(name) for name in signals]
         self.exit_code = int(exit_code)
         self.received: signal.Signals | None = None
+        self._deferred = False
         self._previous: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -80,8 +85,20 @@ class Preemption(Callback):
         stop = self.received is not None
         if trainer.world_size > 1:  # every rank stops at the same step, whichever got the signal
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if not stop:
+        if stop and validation_follows(trainer):
+            # Lightning would resume such a checkpoint without this validation: let it run, and
+            # stop at the end of the epoch (or of the next step, for a validation mid-epoch)
+            self._deferred = True
             return
+        if stop:
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._deferred:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        """Save last.ckpt and leave with the preemption exit code."""
         path = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
         name = self.received.name if self.received is not None else "a signal on another rank"
