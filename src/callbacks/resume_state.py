@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from lightning import Callback, LightningModule, Trainer
 log = logging.getLogger(__name__)
 
 RESUME_KEY = "vqzoo_resume_state"
+MID_EPOCH_WARNING = ".*resuming from a checkpoint that ended before the epoch ended.*"
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -66,6 +68,11 @@ def consumed_train_samples(trainer: Trainer, batch_size: int) -> int | None:
 
 class ResumeState(Callback):
     """Stores RNG states and the train sampler position in every checkpoint; restores them."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if _train_sampler(trainer) is not None and trainer.world_size == 1:
+            # Lightning cannot see that the sampler restores its position; on one process it does
+            warnings.filterwarnings("ignore", message=MID_EPOCH_WARNING)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]

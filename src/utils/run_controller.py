@@ -66,8 +66,16 @@ def finish_training(trainer: Trainer, callbacks: list[Callback], run_dir: Path) 
     return the run's throughput summary."""
     ckpt_dir = checkpoint_dir(run_dir)
     last = ckpt_dir / "last.ckpt"
-    if trainer.checkpoint_callback is not None and trainer.global_step > 0:
-        if not last.is_file() or int(read_checkpoint(last)["global_step"]) != trainer.global_step:
+    if (
+        trainer.checkpoint_callback is not None
+        and trainer.global_step > 0
+        and not trainer.fast_dev_run
+    ):
+        stale = (
+            not last.is_file() or int(read_checkpoint(last)["global_step"]) != trainer.global_step
+        )
+        # rank 0 decides: every rank must take part in a save (or none), whatever its disk shows
+        if trainer.strategy.broadcast(stale, src=0):
             trainer.save_checkpoint(last)
         if trainer.is_global_zero:
             write_final_marker(ckpt_dir, trainer.global_step, last)

@@ -2,12 +2,16 @@
 
 Registers two OmegaConf resolvers used by configs/hydra/default.yaml and configs/train.yaml:
 `${run_dir_name:<run_name>,<timestamp>}` (the run directory's last part) and
-`${run_id:<run_name>}` (the id loggers such as W&B resume by; null without a run_name).
+`${run_id:<run_name>}` (the id loggers such as W&B resume by; null without a run_name), and
+`${attempt_subdir:<output_dir>,<timestamp>}`, where Hydra writes its config files: `.hydra`, or
+`.hydra/attempt_<timestamp>` when the directory already holds a run's, so re-running a named
+run (to resume it, or with a config that turns out not to match) keeps the first record.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -61,9 +65,17 @@ def _multirun_job_num() -> int | None:
     return int(hydra_cfg.job.num)
 
 
+def attempt_subdir(output_dir: object, timestamp: str) -> str:
+    """Hydra's output_subdir: `.hydra`, or `.hydra/attempt_<timestamp>` if that is taken."""
+    if (Path(str(output_dir)) / ".hydra" / "config.yaml").exists():
+        return f".hydra/attempt_{timestamp}"
+    return ".hydra"
+
+
 def register_resolvers() -> None:
-    """Register `run_dir_name` and `run_id` once (idempotent)."""
-    for name, resolver in (("run_dir_name", run_dir_name), ("run_id", run_id)):
+    """Register the resolvers once (idempotent)."""
+    resolvers = {"run_dir_name": run_dir_name, "run_id": run_id, "attempt_subdir": attempt_subdir}
+    for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
