@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,6 +25,11 @@ CODEBOOK = ("utilization", "perplexity", "dead_codes")
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # as when train.py is started by a process that uses W&B (or after in-process W&B tests):
+    # the child inherits WANDB_SERVICE and attaches to this process's W&B service, so its runs
+    # end only if the jobs finish them (Hydra callback FinishWandbRun)
+    wandb.setup()
+    assert "WANDB_SERVICE" in os.environ
     sweep_dir = tmp_path_factory.mktemp("multirun") / "demo_sweep"
     result = run_script(
         "train.py",

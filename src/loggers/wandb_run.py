@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -39,7 +40,8 @@ class WandbRunLogger(WandbLogger):
       run directory's name.
 
     A multirun's jobs share one process: a run this class started for an earlier job is
-    finished before the next job's run starts, instead of being reused.
+    finished before the next job's run starts, instead of being reused (and `FinishWandbRun`
+    finishes each job's run when the job ends).
     """
 
     _started_here: ClassVar[set[str]] = (
@@ -88,7 +90,7 @@ class WandbRunLogger(WandbLogger):
     def experiment(self) -> Any:
         """The W&B run (started on first use, on rank 0; other ranks get a dummy)."""
         if self._experiment is None:
-            _finish_run_of_earlier_job()
+            finish_started_run()
         experiment = super().experiment
         run_id = getattr(experiment, "id", None)
         if isinstance(run_id, str):
@@ -149,11 +151,23 @@ def _swept_keys(hydra_cfg: DictConfig, parser: OverridesParser) -> set[str]:
     return keys
 
 
-def _finish_run_of_earlier_job() -> None:
-    """Finish the global W&B run if an earlier instance of this class started it."""
+def finish_started_run() -> None:
+    """Finish the global W&B run if a `WandbRunLogger` started it (else leave it alone)."""
     import wandb
 
     run = wandb.run
     if run is not None and run.id in WandbRunLogger._started_here:
-        log.info("finishing W&B run %s of the previous job", run.id)
+        log.info("finishing W&B run %s", run.id)
         run.finish()
+
+
+class FinishWandbRun(HydraCallback):
+    """Hydra callback (configs/hydra/default.yaml): finish the job's W&B run when the job ends.
+
+    Left to the end of the process, the run is finished by W&B's exit hook, which does not
+    happen when the process only attached to another process's W&B service (W&B passes its
+    address on in WANDB_SERVICE, e.g. to a train.py started from a script that uses W&B):
+    the run then stays open until that service notices."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        finish_started_run()
