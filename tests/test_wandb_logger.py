@@ -120,3 +120,9 @@ def test_transaction_log_reader_crosses_blocks(tmp_path: Path) -> None:
     assert [row["trainer/global_step"] for row in history] == list(range(600))
     for row in history:
         assert row["val/codebook/7/utilization"] == row["trainer/global_step"] / 600
+
+
+def test_a_named_run_uses_its_run_id_as_the_wandb_id(tmp_path: Path) -> None:
+    cfg = compose_config("train", ["logger=wandb", "run_name=my_run"], output_dir=tmp_path)
+    assert cfg.logger.wandb.id == cfg.run_id == "my_run"
+    assert compose_config("train", ["logger=wandb"], output_dir=tmp_path).logger.wandb.id is None
