@@ -5,12 +5,15 @@ inputs; both run forward+backward in training mode in this process, their timed 
 alternating so both see the same machine, and the reported time is each one's median step
 (robust to scheduler noise on a shared machine).
 Peak memory is the rise of the process's resident-set high-water mark (Linux VmHWM, reset
-through /proc/self/clear_refs) over the resident size before the timed steps, so it counts
-every allocation torch makes on the CPU, not only tensors Python can see.
+through /proc/self/clear_refs) over the resident size before one step, so it counts every
+allocation torch makes on the CPU, not only tensors Python can see. During that step glibc
+serves every block over 64 KiB by mmap and trims freed memory at once, so the step cannot
+hide its allocations in free heap space that an earlier step left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import statistics
 import time
@@ -23,6 +26,8 @@ from torch import Tensor, nn
 
 STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
+_LIBC = ctypes.CDLL("libc.so.6")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 @dataclass
@@ -104,9 +109,18 @@ def make_step(module: nn.Module, x: Tensor, case: Case) -> Callable[[], float]:
 def peak_of_one_step(step: Callable[[], float]) -> float:
     """Resident-memory rise (MiB) of a single step. Over many steps the resident size also
     collects allocator fragmentation, which says more about glibc than about the quantizer."""
-    baseline = reset_peak_rss()
-    step()
-    return peak_rss_rise_mib(baseline)
+    _LIBC.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    _LIBC.mallopt(_M_TRIM_THRESHOLD, 0)
+    try:
+        gc.collect()
+        _LIBC.malloc_trim(0)
+        baseline = reset_peak_rss()
+        step()
+        return peak_rss_rise_mib(baseline)
+    finally:
+        # glibc's 64-bit defaults as reached in steady state, for the timed steps
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
 
 
 def bench_case(case: Case, with_reference: bool = True) -> dict[str, Result | str]:
