@@ -19,6 +19,7 @@ from src.callbacks.preemption import RunPreempted
 from src.utils.config_checks import check_quantizer_config, model_overrides
 from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
+from src.utils.launch_rank import is_launch_rank_zero
 from src.utils.report import print_config_tree, print_results
 from src.utils.resume import resume_point
 from src.utils.run_controller import (
@@ -109,7 +110,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> Any:
     if cfg.extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if cfg.extras.get("print_config"):
+    if cfg.extras.get("print_config") and is_launch_rank_zero():  # once per run, not per rank
         print_config_tree(cfg)
     with ddp_job_scope():  # under DDP, a multirun job's ranks run only that job
         metrics = train(cfg)

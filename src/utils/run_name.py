@@ -1,11 +1,13 @@
 """Stable run names: `run_name=foo` puts a run in logs/<task>/runs/foo/ so re-running resumes it.
 
-Registers two OmegaConf resolvers used by configs/hydra/default.yaml and configs/train.yaml:
-`${run_dir_name:<run_name>,<timestamp>}` (the run directory's last part) and
+Registers the OmegaConf resolvers used by configs/hydra/default.yaml and configs/train.yaml:
+`${run_dir_name:<run_name>,<timestamp>}` (the run directory's last part),
 `${run_id:<run_name>}` (the id loggers such as W&B resume by; null without a run_name), and
 `${attempt_subdir:<output_dir>,<timestamp>}`, where Hydra writes its config files: `.hydra`, or
 `.hydra/attempt_<timestamp>` when the directory already holds a run's, so re-running a named
-run (to resume it, or with a config that turns out not to match) keeps the first record.
+run (to resume it, or with a config that turns out not to match) keeps the first record; on
+ranks other than 0 of a torchrun / SLURM launch (each runs Hydra itself) it is null, so they
+write no record. `${rank_zero_log_file:<path>}` names the job log (os.devnull on those ranks).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
+
+from src.utils.launch_rank import is_launch_rank_zero, rank_zero_log_file
 
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -65,8 +69,11 @@ def _multirun_job_num() -> int | None:
     return int(hydra_cfg.job.num)
 
 
-def attempt_subdir(output_dir: object, timestamp: str) -> str:
-    """Hydra's output_subdir: `.hydra`, or `.hydra/attempt_<timestamp>` if that is taken."""
+def attempt_subdir(output_dir: object, timestamp: str) -> str | None:
+    """Hydra's output_subdir: `.hydra`, or `.hydra/attempt_<timestamp>` if that is taken;
+    None (no record) on a rank other than 0, which shares rank 0's run directory."""
+    if not is_launch_rank_zero():
+        return None
     if (Path(str(output_dir)) / ".hydra" / "config.yaml").exists():
         return f".hydra/attempt_{timestamp}"
     return ".hydra"
@@ -74,7 +81,12 @@ def attempt_subdir(output_dir: object, timestamp: str) -> str:
 
 def register_resolvers() -> None:
     """Register the resolvers once (idempotent)."""
-    resolvers = {"run_dir_name": run_dir_name, "run_id": run_id, "attempt_subdir": attempt_subdir}
+    resolvers = {
+        "run_dir_name": run_dir_name,
+        "run_id": run_id,
+        "attempt_subdir": attempt_subdir,
+        "rank_zero_log_file": rank_zero_log_file,
+    }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
