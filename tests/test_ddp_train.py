@@ -19,6 +19,8 @@ from tests.helpers import QUICK, last_logged, read_metrics_csv, run_script
 from train import train
 
 TINY = [*QUICK, "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"]
+HYDRA_RECORD = ["config.yaml", "hydra.yaml", "overrides.yaml"]
+INSTANTIATED_CSV = "instantiating logger csv"  # a line every rank logs once
 
 
 def _csv_columns(run_dir: Path) -> set[str]:
@@ -34,9 +36,17 @@ def test_ddp_sim_run_writes_one_run_dir_with_the_single_process_metrics(tmp_path
     assert result.returncode == 0, output[-3000:]
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output, "the second rank never started"
     # rank 1 wrote into the same directory: nothing under the default log dir, one .hydra
+    # record without attempts, one log, one metrics file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    assert len(list(run_dir.rglob(".hydra"))) == 1
-    assert len(list(run_dir.glob("csv/version_*"))) == 1
+    assert list(run_dir.rglob(".hydra")) == [run_dir / ".hydra"]
+    assert sorted(p.name for p in (run_dir / ".hydra").iterdir()) == HYDRA_RECORD
+    assert not list(run_dir.rglob("attempt_*"))
+    assert list(run_dir.rglob("*.log")) == [run_dir / "train.log"]
+    assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+    assert list(run_dir.rglob("metrics.csv")) == [run_dir / "csv" / "version_0" / "metrics.csv"]
+    # both ranks logged to their consoles, only rank 0 into train.log
+    assert output.count(INSTANTIATED_CSV) == 2
+    assert (run_dir / "train.log").read_text().count(INSTANTIATED_CSV) == 1
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     rows = read_metrics_csv(run_dir)
     for name in ["val/psnr", "val/codebook/utilization", "test/psnr", "test/loss"]:
@@ -62,6 +72,10 @@ def test_ddp_sim_multirun_gives_one_directory_per_job(tmp_path: Path) -> None:
     assert [p.name for p in jobs] == ["0", "1"]
     for job, quantizer in zip(jobs, ["fsq", "vq"], strict=True):
         assert f"quantizer={quantizer}" in (job / ".hydra" / "overrides.yaml").read_text()
+        assert list(job.rglob(".hydra")) == [job / ".hydra"]
+        assert sorted(p.name for p in (job / ".hydra").iterdir()) == HYDRA_RECORD
+        assert list(job.rglob("*.log")) == [job / "train.log"]
+        assert (job / "train.log").read_text().count(INSTANTIATED_CSV) == 1
         assert len(list(job.glob("csv/version_*"))) == 1
         assert math.isfinite(last_logged(read_metrics_csv(job), "test/psnr"))
 
