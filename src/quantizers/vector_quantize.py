@@ -28,6 +28,7 @@ from src.quantizers.kernels import (
     unit_rows,
     unit_rows_and_scale,
 )
+from src.quantizers.kernels.codebook_ops import refill_candidates
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vq_state import CodebookState
 
@@ -356,7 +357,8 @@ class VectorQuantize(CodebookState):
 
     @torch.no_grad()
     def _init_by_kmeans(self, latents: Tensor, valid: Tensor | None) -> None:
-        """Seed each codebook with k-means of the valid tokens of every rank's batch.
+        """Seed each codebook with k-means of the valid tokens of every rank's batch (with
+        cosine similarity, of those that are not (near-)zero).
 
         With several ranks the pools are gathered (in rank order: the whole batch, as one
         process would see it) and every rank runs the same k-means on that union, keeping the
@@ -366,11 +368,15 @@ class VectorQuantize(CodebookState):
         pools = self._pools(latents, valid)
         if self.communicator.world_size > 1:
             pools = all_gather_varying(pools, self.communicator, dim=1)
-        if pools.shape[1] == 0:
-            return  # no rank had a valid token: nothing to learn from yet, try the next batch
+        samples = list(pools)
+        usable = refill_candidates(pools, self.use_cosine_sim)
+        if usable is not None:  # (near-)zero latents have no direction to seed a unit code
+            samples = [book[rows] for book, rows in zip(samples, usable, strict=True)]
+        if any(book.shape[0] == 0 for book in samples):
+            return  # nothing to learn from yet (no valid, or no usable, token): try next batch
         centres, counts = [], []
         for c in range(self.num_books):
-            found = kmeans(pools[c], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
+            found = kmeans(samples[c], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
             centres.append(found[0])
             counts.append(found[1])
         self._set_initial_state(torch.stack(centres), torch.stack(counts))

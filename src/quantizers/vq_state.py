@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.collectives import gather_lengths
+from src.quantizers.collectives import all_gather_varying, gather_lengths
 from src.quantizers.communicator import Distributable
 from src.quantizers.kernels import (
     cluster_statistics,
@@ -27,6 +27,7 @@ from src.quantizers.kernels import (
     orthogonal_loss,
     smoothed_codebook,
 )
+from src.quantizers.kernels.codebook_ops import UNIT_ROW_MIN_NORM, refill_candidates
 
 
 class CodebookState(Distributable):
@@ -185,42 +186,60 @@ class CodebookState(Distributable):
         if self.ema_update:
             avg = self.books_avg()
             avg.mul_(self.decay).add_(sums.view_as(avg), alpha=1.0 - self.decay)
-            embed = smoothed_codebook(size, avg, self.books_embed().float(), self.eps)
+            previous = self.books_embed().float()
+            embed = smoothed_codebook(size, avg, previous, self.eps)
             if self.use_cosine_sim:
-                embed = l2_normalize(embed)
+                embed = self._unit_or_previous(embed, previous)
             self.books_embed().data.copy_(embed)
 
         if self.threshold_ema_dead_code > 0:
             self._expire_dead_codes(latents, valid, segments)
+
+    @staticmethod
+    def _unit_or_previous(embed: Tensor, previous: Tensor) -> Tensor:
+        """Cosine codes: `embed` normalised where it has a direction, else the previous code.
+
+        An EMA mean can vanish (a code k-means left empty, or one only zero latents reached,
+        has embed_avg 0), and a zero vector normalises to zero, not to a unit code.
+        """
+        normed = l2_normalize(embed)
+        keep = torch.linalg.vector_norm(normed, dim=-1, keepdim=True) > UNIT_ROW_MIN_NORM
+        return torch.where(keep, normed, previous)
 
     @torch.no_grad()
     def _expire_dead_codes(self, latents: Tensor, valid: Tensor | None, segments: int = 1) -> None:
         """Replace codes whose EMA cluster size fell below the threshold by batch vectors.
 
         Vectors are drawn without replacement from the valid tokens (see
-        `dead_code_replacements`). With several ranks they are drawn from the union of the
-        ranks' valid tokens, exactly as one process holding the whole batch would draw them
-        (see `_union_replacements`).
+        `dead_code_replacements`); with cosine similarity (near-)zero latents are left out,
+        as they have no direction to give a unit code (see `refill_candidates`). With several
+        ranks they are drawn from the union of the ranks' valid tokens, exactly as one process
+        holding the whole batch would draw them (see `_union_replacements`).
         """
         pools = self._pools(latents, valid)
+        usable = refill_candidates(pools, self.use_cosine_sim)
         threshold = self.threshold_ema_dead_code
         size = self.books_size()
         if self.communicator.world_size > 1:
-            chosen = self._union_replacements(pools, segments)
+            chosen = self._union_replacements(pools, segments, usable)
             if chosen is None:
                 return
             take, vectors = chosen
         elif pools.shape[1] == 0:
             return
         else:
-            take, vectors = dead_code_replacements(size, threshold, pools)
+            take, vectors = dead_code_replacements(size, threshold, pools, usable)
+        if self.use_cosine_sim:  # usable rows are unit up to rounding; make them exactly so
+            vectors = l2_normalize(vectors)
         embed = self.books_embed()
         embed.data.copy_(torch.where(take.unsqueeze(-1), vectors.to(embed.dtype), embed.data))
         avg = self.books_avg()
         avg.copy_(torch.where(take.unsqueeze(-1), vectors * threshold, avg))
         size.masked_fill_(take, threshold)
 
-    def _union_replacements(self, pools: Tensor, segments: int) -> tuple[Tensor, Tensor] | None:
+    def _union_replacements(
+        self, pools: Tensor, segments: int, usable: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
         """Dead-code replacements drawn from the union of every rank's pool (C, M_r, d).
 
         The union is each rank's pool concatenated in rank order (segment by segment when
@@ -228,7 +247,8 @@ class CodebookState(Distributable):
         whole batch). Rather than gathering every vector, each rank draws the same way over
         the union's row numbers, rank 0's draw is broadcast, and each rank fills in the
         chosen rows it holds: an all-reduce of (C, K, d) instead of an all-gather of all
-        tokens. Returns None when nothing is replaced (every rank agrees).
+        tokens. `usable` (C, M_r), which rows may be drawn, is gathered in the union's order
+        (one flag per token). Returns None when nothing is replaced (every rank agrees).
         """
         comm = self.communicator
         if pools.shape[1] % segments:
@@ -242,7 +262,11 @@ class CodebookState(Distributable):
         # The kernel picks rows of its pool; handed row numbers, it returns which rows it drew.
         numbers = torch.arange(segments * total, device=pools.device)
         numbers = numbers.view(1, -1, 1).expand(size.shape[0], -1, 1)
-        take, rows = dead_code_replacements(size, self.threshold_ema_dead_code, numbers)
+        if usable is not None:  # (C, segments, local) per rank -> (C, segments * total)
+            flags = usable.view(usable.shape[0], segments, local).to(torch.uint8)
+            flags = all_gather_varying(flags, comm, dim=2, lengths=lengths)
+            usable = flags.reshape(size.shape[0], -1).bool()
+        take, rows = dead_code_replacements(size, self.threshold_ema_dead_code, numbers, usable)
         packed = comm.broadcast(torch.cat([rows, take.unsqueeze(-1).long()], dim=-1), src=0)
         rows, take = packed[..., 0], packed[..., 1].bool()
         if not bool(take.any()):

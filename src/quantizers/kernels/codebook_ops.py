@@ -13,6 +13,10 @@ from torch import Tensor
 
 from src.quantizers.kernels.nearest import l2_normalize
 
+# A normalised latent counts as a direction when its norm is at least this: l2_normalize(x)
+# has norm 1 once |x| >= NORM_EPS and |x| / NORM_EPS below, so this admits |x| > NORM_EPS / 2.
+UNIT_ROW_MIN_NORM = 0.5
+
 
 def masked_mse(a: Tensor, b: Tensor, valid: Tensor | None) -> Tensor:
     """Mean of (a - b)² over the rows of (N, ...) tensors where `valid` (N,) is True."""
@@ -38,27 +42,48 @@ def smoothed_codebook(cluster_size: Tensor, embed_avg: Tensor, embed: Tensor, ep
 
 
 def dead_code_replacements(
-    cluster_size: Tensor, threshold: float, pool: Tensor
+    cluster_size: Tensor, threshold: float, pool: Tensor, usable: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Which codes to replace and by which batch vector, without any host sync.
 
-    cluster_size (C, K); pool (C, M, D): the M vectors available to each codebook, M >= 1.
+    cluster_size (C, K); pool (C, M, D): the M vectors available to each codebook, M >= 1;
+    usable: optional (C, M) bool, the pool rows that may become codes (default: all).
     A code is dead when its EMA cluster size is below `threshold`. Each codebook's dead codes,
-    in index order, take the rows of a random permutation of its pool, so no vector replaces
-    two codes; with more dead codes than vectors the last ones stay as they are.
+    in index order, take the usable rows of a random permutation of its pool, so no vector
+    replaces two codes; with more dead codes than usable vectors the last ones stay as they are.
     Returns `take` (C, K) bool and `vectors` (C, K, D) (meaningful where `take`).
     """
     num_books, num_pool = pool.shape[0], pool.shape[1]
     dead = cluster_size < threshold
     rank = dead.long().cumsum(dim=-1) - 1  # position of each dead code among the dead ones
-    take = dead & (rank < num_pool)
     if num_books == 1:
         order = torch.randperm(num_pool, device=pool.device).unsqueeze(0)
     else:
         order = torch.rand(num_books, num_pool, device=pool.device).argsort(dim=-1)
+    if usable is None:
+        available: Tensor | int = num_pool
+    else:
+        # usable rows first, in their random order: a random permutation of the usable rows
+        unusable = (~usable.gather(1, order)).to(torch.uint8)
+        order = order.gather(1, unusable.argsort(dim=-1, stable=True))
+        available = usable.sum(dim=-1, keepdim=True)
+    take = dead & (rank < available)
     rows = order.gather(1, rank.clamp(0, num_pool - 1))
     vectors = pool.gather(1, rows.unsqueeze(-1).expand(-1, -1, pool.shape[-1]))
     return take, vectors
+
+
+def refill_candidates(pool: Tensor, use_cosine_sim: bool) -> Tensor | None:
+    """(C, M) bool: the rows of a (C, M, D) pool that may replace a dead code (None: all).
+
+    Cosine pools hold l2-normalised latents, so a (near-)zero latent appears as a row of norm
+    below one (exactly zero for a zero latent); it has no direction and would make a code that
+    is not unit-norm, so only rows of norm about one qualify. In Euclidean mode every vector,
+    the origin included, is a point a code may sit on, so all rows qualify.
+    """
+    if not use_cosine_sim:
+        return None
+    return torch.linalg.vector_norm(pool, dim=-1) > UNIT_ROW_MIN_NORM
 
 
 def orthogonal_loss(codes: Tensor) -> Tensor:
