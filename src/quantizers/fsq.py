@@ -31,20 +31,26 @@ class FSQOutput(NamedTuple):
 class _RoundBounded(torch.autograd.Function):
     """codes = round(tanh(z + shift)·half_l - offset) / half_width with the gradient of the
     unrounded value (straight-through), in one node: the tanh derivative is kept from the
-    forward pass, so the backward is a single multiply. Also returns the rounded levels."""
+    forward pass, so the backward is a single multiply. Also returns the rounded levels.
+
+    With `noise` (uniform in [-1/2, 1/2) where an element's rounding is replaced, NaN
+    elsewhere) those elements' codes are the unrounded value plus that noise; the rounded
+    levels (and so the indices) stay the hard ones."""
 
     @staticmethod
-    def forward(ctx, z, shift, half_l, offset, half_width):  # type: ignore[override]
+    def forward(ctx, z, shift, half_l, offset, half_width, noise):  # type: ignore[override]
         squashed = torch.tanh(z + shift)
-        rounded = torch.addcmul(-offset, squashed, half_l).round_()
+        bounded = torch.addcmul(-offset, squashed, half_l)
+        rounded = bounded.round()
         ctx.save_for_backward((1.0 - squashed * squashed).mul_(half_l / half_width))
         ctx.mark_non_differentiable(rounded)
-        return rounded / half_width, rounded
+        levels = rounded if noise is None else torch.where(noise.isnan(), rounded, bounded + noise)
+        return levels / half_width, rounded
 
     @staticmethod
     def backward(ctx, grad_codes, grad_rounded):  # type: ignore[override]
         (slope,) = ctx.saved_tensors
-        return grad_codes * slope, None, None, None, None
+        return grad_codes * slope, None, None, None, None, None
 
 
 @register_quantizer("fsq")
@@ -66,6 +72,7 @@ class FSQ(nn.Module):
         projection_has_bias: bool = True,
         return_indices: bool = True,
         force_quantization_f32: bool = True,
+        noise_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         levels = [int(level) for level in levels]
@@ -73,6 +80,8 @@ class FSQ(nn.Module):
             raise ValueError(f"FSQ levels must be a non-empty list of ints >= 2; got {levels}")
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1; got {num_codebooks}")
+        if not 0.0 <= noise_dropout <= 1.0:
+            raise ValueError(f"noise_dropout is a probability in [0, 1]; got {noise_dropout}")
         if keep_num_codebooks_dim is None:
             keep_num_codebooks_dim = num_codebooks > 1
         if num_codebooks > 1 and not keep_num_codebooks_dim:
@@ -85,6 +94,7 @@ class FSQ(nn.Module):
         self.channel_first = channel_first
         self.return_indices = return_indices
         self.force_quantization_f32 = force_quantization_f32
+        self.noise_dropout = noise_dropout
         self.codebook_size: int = math.prod(levels)
         if return_indices and self.codebook_size > _MAX_INDEXABLE:
             raise ValueError(
@@ -135,7 +145,9 @@ class FSQ(nn.Module):
         """Codes in [-1, 1] of `z` (..., codebook_dim) and their int64 indices (...)."""
         half_width = self._half_width.to(z.dtype)
         shift, half_l, offset = (b.to(z.dtype) for b in (self._shift, self._half_l, self._offset))
-        codes, rounded = _RoundBounded.apply(z, shift, half_l, offset, half_width)
+        codes, rounded = _RoundBounded.apply(
+            z, shift, half_l, offset, half_width, self._rounding_noise(z)
+        )
         if not self.return_indices:
             return codes, None
         if self.codebook_size <= _FLOAT_EXACT and rounded.dtype == torch.float32:
@@ -144,6 +156,15 @@ class FSQ(nn.Module):
             return codes, flat.add_(self._index_offset).long().view(rounded.shape[:-1])
         digits = (rounded + half_width).long()
         return codes, (digits * self._basis).sum(dim=-1)
+
+    def _rounding_noise(self, z: Tensor) -> Tensor | None:
+        """In training, uniform noise of one level's width in place of the rounding of a
+        `noise_dropout` fraction of elements (NaN marks the rounded ones), else None."""
+        if not (self.training and self.noise_dropout > 0):
+            return None
+        noise = torch.rand_like(z).sub_(0.5)
+        keep_rounding = torch.rand_like(z) >= self.noise_dropout
+        return noise.masked_fill_(keep_rounding, float("nan"))
 
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """Int64 index of each code `zhat` (..., len(levels)) in [-1, 1] (mixed radix)."""
