@@ -8,7 +8,9 @@ Prints a table (rich) and writes `comparison.md`, `comparison.csv` and `comparis
 (reconstruction quality against codebook utilization, and against bitrate when the runs log
 one) into `--out`, by default the directory given (or the runs' common parent). Metrics are
 the last values in each run's `csv/version_*/metrics.csv` (the CSV logger, on by default);
-the stage is `test` when every run has test metrics, else `val`; missing values are blank.
+the stage is `test` when every run has test metrics, else `val`; tokens/s is the whole-run
+average logged at the end of training (`summary/tokens_per_sec`), else the last rolling
+`train/tokens_per_sec`; missing values are blank.
 """
 
 from __future__ import annotations

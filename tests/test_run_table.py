@@ -50,9 +50,9 @@ def test_jobs_are_found_in_numeric_order(tmp_path: Path) -> None:
 
 
 def test_last_values_varying_overrides_and_blanks(tmp_path: Path) -> None:
-    a = make_run(
-        tmp_path / "a", ["quantizer=rvq", "trainer.max_epochs=2"], audio_rows(6.0, 0.9, 8.0)
-    )
+    # a finished run logs its whole-run tokens/s at the end; b stopped early: its last rolling one
+    rows_a = [*audio_rows(6.0, 0.9, 8.0), {"summary/tokens_per_sec": 800.0, "step": 3}]
+    a = make_run(tmp_path / "a", ["quantizer=rvq", "trainer.max_epochs=2"], rows_a)
     b = make_run(
         tmp_path / "b", ["quantizer=fsq", "trainer.max_epochs=2"], audio_rows(4.0, 0.5, 7.5)
     )
@@ -65,10 +65,11 @@ def test_last_values_varying_overrides_and_blanks(tmp_path: Path) -> None:
     first, second, third = comparison.rows
     assert first["overrides"] == "quantizer=rvq"
     assert (first["si_snr"], first["utilization"], first["bitrate_kbps"]) == (6.0, 0.9, 8.0)
-    assert first["tokens_per_sec"] == 900.0
-    assert second["si_snr"] == 4.0
+    assert first["tokens_per_sec"] == 800.0  # the whole-run average wins over the rolling one
+    assert (second["si_snr"], second["tokens_per_sec"]) == (4.0, 900.0)
     assert third["si_snr"] is None  # NaN is shown blank, like a metric never logged
     assert third["bitrate_kbps"] is None and third["perplexity"] is None
+    assert third["tokens_per_sec"] is None
 
 
 def test_test_stage_only_when_every_run_has_it(tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 A token is one code index: latent positions x codes per position (`num_codebooks`), counted at
 the quantizer's input, so a 7x7 latent map with 4 residual codebooks is 196 tokens per image.
 Rates are rolling averages over the last `window_size` training batches (Lightning's `Throughput`),
-summed over ranks, and exclude validation time; `summary()` gives whole-run averages for the final
-table. Lightning's `ThroughputMonitor` is not used as-is: its metric names differ from vqzoo's
+summed over ranks, and exclude validation time, so they appear only once a window has filled.
+At the end of fit the whole-run averages (`summary()`) are logged once, at the final step, as
+`summary/steps_per_sec`, `summary/samples_per_sec` and `summary/tokens_per_sec`; the counts
+behind them travel in checkpoints, so a resumed run's averages cover every attempt's kept
+steps. Lightning's `ThroughputMonitor` is not used as-is: its metric names differ from vqzoo's
 stable ones and it does not count quantizer tokens.
 """
 
@@ -20,6 +23,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 NAMES = ("train/steps_per_sec", "train/samples_per_sec", "train/tokens_per_sec")
+SUMMARY_NAMES = ("summary/steps_per_sec", "summary/samples_per_sec", "summary/tokens_per_sec")
+TOTALS = ("elapsed", "batches", "samples", "tokens")  # the counts a checkpoint carries
 
 
 class TrainingThroughput(Callback):
@@ -31,15 +36,26 @@ class TrainingThroughput(Callback):
         self.window_size = int(window_size)
         self._hook: RemovableHandle | None = None
         self._batch_tokens = 0
-        self._reset()
-
-    def _reset(self) -> None:
         self._throughput: Throughput | None = None
-        self._elapsed = 0.0  # training time only, validation excluded
         self._since: float | None = None
+        self._reset_totals()
+
+    def _reset_totals(self) -> None:
+        self._elapsed = 0.0  # training time only, validation excluded
         self._batches = self._samples = self._tokens = 0
 
+    def state_dict(self) -> dict[str, float]:
+        """The whole-run counts, so that a resumed run's summary covers the earlier attempts."""
+        return {name: getattr(self, f"_{name}") for name in TOTALS}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._elapsed = float(state_dict.get("elapsed", 0.0))
+        for name in TOTALS[1:]:
+            setattr(self, f"_{name}", int(state_dict.get(name, 0)))
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":  # Lightning loads a resumed checkpoint's counts after this
+            self._reset_totals()
         quantizer = getattr(pl_module, "quantizer", None)
         if isinstance(quantizer, nn.Module) and self._hook is None:
             self._hook = quantizer.register_forward_pre_hook(self._count_tokens)
@@ -55,9 +71,16 @@ class TrainingThroughput(Callback):
             self._batch_tokens += positions * int(getattr(module, "num_codebooks", 1))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._reset()
         self._throughput = Throughput(world_size=trainer.world_size, window_size=self.window_size)
         self._since = time.perf_counter()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the whole-run averages once, at the final step (loggers write on rank 0)."""
+        self._since = None  # what follows the last batch is not training time
+        summary = self.summary(trainer)
+        if summary:
+            for logger in trainer.loggers:
+                logger.log_metrics(summary, step=trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -114,16 +137,18 @@ class TrainingThroughput(Callback):
         return rates
 
     def summary(self, trainer: Trainer) -> dict[str, float]:
-        """Whole-run averages of this process's training time (times the world size)."""
+        """Whole-run averages of this process's training time (times the world size), named
+        `summary/...`; empty before any training batch."""
         if self._elapsed <= 0 or self._batches == 0:
             return {}
         world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
+        steps, samples, tokens = SUMMARY_NAMES
         summary = {
-            "train/steps_per_sec": self._batches / self._elapsed * world / accumulate,
-            "train/samples_per_sec": self._samples / self._elapsed * world,
+            steps: self._batches / self._elapsed * world / accumulate,
+            samples: self._samples / self._elapsed * world,
         }
         if self._tokens:
-            summary["train/tokens_per_sec"] = self._tokens / self._elapsed * world
+            summary[tokens] = self._tokens / self._elapsed * world
         return summary
 
 

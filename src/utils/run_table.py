@@ -11,15 +11,17 @@ from pathlib import Path
 
 import yaml
 
-# table column -> metric name (`{stage}` is the stage compared: test, else val)
-METRIC_COLUMNS: dict[str, str] = {
-    "psnr": "{stage}/psnr",
-    "si_snr": "{stage}/si_snr",
-    "utilization": "{stage}/codebook/utilization",
-    "perplexity": "{stage}/codebook/perplexity",
-    "dead_codes": "{stage}/codebook/dead_codes",
-    "bitrate_kbps": "{stage}/bitrate_kbps",
-    "tokens_per_sec": "train/tokens_per_sec",
+# table column -> metric names, the first one a run logged wins (`{stage}` is the stage
+# compared: test, else val). tokens/s: the whole-run average logged at the end of fit, else (a
+# run stopped before its end) the last rolling value.
+METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
+    "psnr": ("{stage}/psnr",),
+    "si_snr": ("{stage}/si_snr",),
+    "utilization": ("{stage}/codebook/utilization",),
+    "perplexity": ("{stage}/codebook/perplexity",),
+    "dead_codes": ("{stage}/codebook/dead_codes",),
+    "bitrate_kbps": ("{stage}/bitrate_kbps",),
+    "tokens_per_sec": ("summary/tokens_per_sec", "train/tokens_per_sec"),
 }
 QUALITY_COLUMNS = ("psnr", "si_snr")  # shown only when some run logged them
 
@@ -109,8 +111,8 @@ def compare(runs: Sequence[Run], stage: str = "auto") -> Comparison:
         stage = "test" if runs and has_test else "val"
     common = _common_overrides(runs)
     columns = ["run", "overrides"]
-    for column, template in METRIC_COLUMNS.items():
-        present = any(template.format(stage=stage) in run.metrics for run in runs)
+    for column in METRIC_COLUMNS:
+        present = any(metric_value(run, column, stage) is not None for run in runs)
         if column not in QUALITY_COLUMNS or present:
             columns.append(column)
     rows = []
@@ -120,10 +122,19 @@ def compare(runs: Sequence[Run], stage: str = "auto") -> Comparison:
             "overrides": " ".join(o for o in run.overrides if o not in common),
         }
         for column in columns[2:]:
-            value = run.metrics.get(METRIC_COLUMNS[column].format(stage=stage))
+            value = metric_value(run, column, stage)
             row[column] = value if value is None or math.isfinite(value) else None
         rows.append(row)
     return Comparison(stage, columns, rows, common)
+
+
+def metric_value(run: Run, column: str, stage: str) -> float | None:
+    """The run's final value for a table column: its first metric name the run logged."""
+    for template in METRIC_COLUMNS[column]:
+        name = template.format(stage=stage)
+        if name in run.metrics:
+            return run.metrics[name]
+    return None
 
 
 def label(row: dict[str, object]) -> str:
