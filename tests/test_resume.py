@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from src.callbacks.preemption import PREEMPTED_EXIT_CODE
 from src.loggers.resumable_csv import ROLLED_BACK_FILE
 from tests.conftest import compose_config
 from tests.helpers import read_metrics_csv
 from tests.run_control_helpers import start_script, wait_for_file
+from tests.wandb_offline import offline_runs, summarize
 from train import train
 
 # 2 epochs of 4 batches = 8 steps; checkpoints every 2 steps (2, 4, 6, 8); validation per epoch
@@ -39,6 +42,7 @@ RUN = [
     "extras.print_config=false",
     "throughput.window_size=2",
 ]
+TENSORBOARD = "logger=[csv,tensorboard]"
 FINAL = ["val/psnr", "val/loss", "val/codebook/perplexity", "val/codebook/dead_codes", "test/psnr"]
 FINAL += ["test/loss", "test/codebook/perplexity", "test/codebook/utilization"]
 
@@ -67,9 +71,9 @@ def start_held_run(log_dir: Path, hold_step: int, *extra: str):
     return process, log_dir / "train" / "runs" / "held"
 
 
-def resume(run_dir: Path) -> dict[str, float]:
+def resume(run_dir: Path, *extra: str) -> dict[str, float]:
     """The same command again, in-process: auto-resume from the run directory."""
-    return train(compose_config("train", [*RUN, "run_name=held"], output_dir=run_dir))
+    return train(compose_config("train", [*RUN, *extra, "run_name=held"], output_dir=run_dir))
 
 
 def logged(run_dir: Path, name: str) -> tuple[list[int], list[float]]:
@@ -86,8 +90,8 @@ def assert_same_final_metrics(resumed: dict[str, float], expected: dict[str, flo
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path: Path) -> None:
     expected, reference_dir = reference
     # held after step 3: the newest checkpoint is step 2, mid-epoch; SIGKILL leaves no chance
-    # to clean up
-    process, run_dir = start_held_run(tmp_path, hold_step=3)
+    # to clean up. TensorBoard on too: the replayed steps must not show twice there either.
+    process, run_dir = start_held_run(tmp_path, 3, TENSORBOARD)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
@@ -95,7 +99,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path: 
     assert (ckpts / "step_0000002.ckpt").is_file() and not (ckpts / "final.json").exists()
     assert int(torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]) == 2
 
-    resumed = resume(run_dir)
+    resumed = resume(run_dir, TENSORBOARD)
     assert_same_final_metrics(resumed, expected)
     # the same CSV continues: each metric's rows as in the uninterrupted run, no second version
     for name in ["val/psnr", "train/loss_step", "test/psnr"]:
@@ -104,11 +108,16 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(reference, tmp_path: 
         assert steps == expected_steps, name
         assert values == pytest.approx(expected_values, rel=1e-5), name
     assert [p.name for p in (run_dir / "csv").iterdir()] == ["version_0"]
+    assert_one_tensorboard_run(run_dir, ["val/psnr", "train/loss_step"])
     # what the killed attempt logged after step 2 was moved aside, not lost
     with (run_dir / "csv" / "version_0" / ROLLED_BACK_FILE).open() as file:
         moved_steps = {int(row["step"]) for row in csv.DictReader(file)}
     assert moved_steps and min(moved_steps) >= 2
     assert (ckpts / "final.json").is_file()
+    # the throughput counts went on from the checkpoint's: the summary covers all 8 kept steps
+    counts = torch.load(ckpts / "last.ckpt", weights_only=True)["callbacks"]["TrainingThroughput"]
+    assert (counts["batches"], counts["samples"], counts["tokens"]) == (8, 8 * 64, 8 * 64 * 49)
+    assert resumed["summary/steps_per_sec"] == pytest.approx(8 / counts["elapsed"])
 
 
 SIGUSR1_SLOW = pytest.mark.slow(
@@ -127,8 +136,12 @@ def test_preemption_signal_checkpoints_exits_and_resumes(
 ) -> None:
     expected, reference_dir = reference
     # held after step 4, the epoch's last batch, before its validation: the checkpoint is taken
-    # there, and the resumed run must still validate epoch 0 before it trains on
-    process, run_dir = start_held_run(tmp_path, hold_step=4)
+    # there, and the resumed run must still validate epoch 0 before it trains on. Every logger
+    # is on, and both attempts must write to the same TensorBoard and W&B runs. The subprocess
+    # inherits this process's W&B service (WANDB_SERVICE): the preempted attempt must finish its
+    # W&B run itself, or the run id stays taken and the resumed attempt cannot continue it.
+    wandb.setup()
+    process, run_dir = start_held_run(tmp_path, 4, "logger=many")
     process.send_signal(signum)
     out, err = process.communicate(timeout=300)
     assert process.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
@@ -137,9 +150,31 @@ def test_preemption_signal_checkpoints_exits_and_resumes(
     assert int(torch.load(last, weights_only=True)["global_step"]) == 4  # the step it was in
     assert not list(run_dir.glob("checkpoints/.*partial*"))
 
-    assert_same_final_metrics(resume(run_dir), expected)
+    assert_same_final_metrics(resume(run_dir, "logger=many"), expected)
+    wandb.finish()  # in-process, no Hydra job end finishes the resumed attempt's W&B run
     steps, _ = logged(run_dir, "val/psnr")
     assert steps == logged(reference_dir, "val/psnr")[0]  # epoch 0's validation was not skipped
+    assert_one_tensorboard_run(run_dir, ["val/psnr", "train/loss_step"])
+    folders = offline_runs(run_dir)  # one W&B folder per attempt, both of the run id
+    assert len(folders) == 2 and [summarize(f)["id"] for f in folders] == ["held", "held"]
+
+
+def assert_one_tensorboard_run(run_dir: Path, names: list[str]) -> None:
+    """Both attempts wrote into one TensorBoard run, which reads like the CSV: each metric of
+    ``names`` at the CSV's steps, with its values (what the stopped attempt logged at or after
+    the resumed step is purged, not shown twice)."""
+    (version,) = (run_dir / "tensorboard").iterdir()
+    assert version.name == "version_0"
+    # events.out.tfevents.<time>.<host>.<pid>.<n>: the stopped process and this one
+    writers = {f.name.split(".")[-2] for f in version.glob("events.out.tfevents.*")}
+    assert len(writers) == 2
+    events = EventAccumulator(str(version))
+    events.Reload()
+    for name in names:
+        steps, values = logged(run_dir, name)
+        scalars = events.Scalars(name)
+        assert [e.step for e in scalars] == steps, name
+        assert [e.value for e in scalars] == pytest.approx(values, rel=1e-6), name
 
 
 def test_rerunning_a_finished_run_trains_no_further(reference, tmp_path: Path) -> None:
@@ -162,9 +197,18 @@ def test_throughput_is_logged_and_summarised(reference) -> None:
         samples, tokens = float(row["train/samples_per_sec"]), float(row["train/tokens_per_sec"])
         assert tokens == pytest.approx(49 * samples, rel=1e-6)
         assert float(row["train/steps_per_sec"]) * 64 == pytest.approx(samples, rel=1e-6)
-    # the whole-run averages reach the returned metrics (and the closing table)
-    assert metrics["train/tokens_per_sec"] == pytest.approx(49 * metrics["train/samples_per_sec"])
-    assert metrics["train/steps_per_sec"] > 0
+    # the whole-run averages reach the returned metrics (and the closing table), and are logged
+    # once, at the last step
+    assert metrics["summary/tokens_per_sec"] == pytest.approx(
+        49 * metrics["summary/samples_per_sec"]
+    )
+    assert metrics["summary/samples_per_sec"] == pytest.approx(
+        64 * metrics["summary/steps_per_sec"]
+    )
+    (row,) = [r for r in rows if r.get("summary/tokens_per_sec")]
+    assert int(row["step"]) == 8
+    for name in ("steps_per_sec", "samples_per_sec", "tokens_per_sec"):
+        assert float(row[f"summary/{name}"]) == pytest.approx(metrics[f"summary/{name}"])
 
 
 def test_a_step_checkpoint_due_before_a_validation_is_taken_after_it(reference) -> None:

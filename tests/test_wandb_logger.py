@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import wandb
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.loggers import WandbRunLogger
 from src.loggers.wandb_run import normalize_mode, previous_run_id
 from tests.conftest import compose_config
-from tests.wandb_offline import offline_runs, summarize
+from tests.wandb_offline import finished_records, offline_runs, summarize
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,11 @@ def test_config_builds_an_offline_logger_with_its_fields(tmp_path: Path) -> None
     wandb.finish()
     (folder,) = offline_runs(tmp_path)
     run = summarize(folder)
-    assert (run["group"], run["name"], run["tags"]) == ("g1", "n1", ["a", "b"])
+    assert (
+        cfg.logger.wandb.project == "vqzoo"
+    )  # configs/logger/wandb.yaml; W&B's own: uncategorized
+    assert (run["project"], run["group"], run["name"]) == ("vqzoo", "g1", "n1")
+    assert run["tags"] == ["a", "b"]
     assert {"val/codebook/utilization": 0.25, "trainer/global_step": 4}.items() <= (
         run["history"][0].items()
     )
@@ -84,6 +89,29 @@ def test_rerun_in_the_same_directory_continues_the_same_wandb_run(tmp_path: Path
     folders = offline_runs(tmp_path)
     assert len(folders) == 2  # offline, each attempt has its folder; `wandb sync` joins them
     assert [summarize(f)["id"] for f in folders] == [run_id, run_id]
+
+
+@pytest.mark.parametrize(
+    ("error", "kinds"),
+    [(RuntimeError("boom"), ["exit"]), (SIGTERMException(), ["preempting", "exit"])],
+    ids=["failed", "preempted"],
+)
+def test_a_failed_or_preempted_fit_finishes_its_run(
+    tmp_path: Path, error: BaseException, kinds: list[str]
+) -> None:
+    """Lightning calls finalize("failed") while the fit's exception propagates."""
+    logger = WandbRunLogger(save_dir=str(tmp_path), id="stopped")
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    try:
+        raise error
+    except BaseException:
+        logger.finalize("failed")
+    assert wandb.run is None  # finished here, not left to the process's exit
+    (folder,) = offline_runs(tmp_path)
+    run = summarize(folder)
+    assert [k for k in run["kinds"] if k in ("preempting", "exit")] == kinds
+    exit_record = next(r for r in finished_records(folder) if r.WhichOneof("record_type") == "exit")
+    assert exit_record.exit.exit_code == 1
 
 
 def test_an_explicit_id_wins(tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ def finished_records(run_folder: Path, timeout: float = 60.0) -> list[wandb_inte
 
 
 def summarize(run_folder: Path) -> dict[str, Any]:
-    """The run record's id/group/name/tags, the config and every history row of a run."""
+    """The run record's id/project/group/name/tags, the config, every history row of a run and
+    the kinds of its records in order (e.g. `preempting`, `exit`)."""
     out: dict[str, Any] = {"config": {}, "history": [], "kinds": []}
     for record in finished_records(run_folder):
         kind = record.WhichOneof("record_type")
@@ -78,6 +79,7 @@ def summarize(run_folder: Path) -> dict[str, Any]:
             run = record.run
             out |= {
                 "id": run.run_id,
+                "project": run.project,
                 "group": run.run_group,
                 "name": run.display_name,
                 "tags": list(run.tags),

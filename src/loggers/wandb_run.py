@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,6 +14,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,21 @@ class WandbRunLogger(WandbLogger):
         if isinstance(run_id, str):
             WandbRunLogger._started_here.add(run_id)
         return experiment
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        """After a failed or preempted fit (Lightning's `finalize("failed")`), finish the W&B run
+        now, as failed or preempting: a process attached to another process's W&B service
+        (WANDB_SERVICE) would otherwise leave it open, and its run id taken, when it exits."""
+        super().finalize(status)
+        run = self._experiment
+        if status == "success" or getattr(run, "id", None) not in self._started_here:
+            return
+        if getattr(run, "_is_finished", False):  # e.g. by `wandb.finish()` in a test
+            return
+        if isinstance(sys.exc_info()[1], SIGTERMException):  # called while it propagates
+            run.mark_preempting()
+        run.finish(exit_code=1)
 
 
 def normalize_mode(mode: str | None) -> str:
