@@ -44,3 +44,12 @@ def train_config(tmp_path: Path) -> Iterator[callable]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
+    """Metrics and run directory of tests/short_run.py's run, trained once per session."""
+    from tests.short_run import run_short  # imports train.py only when a test needs it
+
+    run_dir = tmp_path_factory.mktemp("short_run")
+    return run_short(run_dir), run_dir

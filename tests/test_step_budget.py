@@ -1,5 +1,6 @@
 """Training to a step budget with validation every N steps across epochs, a final test, and the
-periodic checkpoints that keep the newest K beside the best (README "Long runs")."""
+periodic checkpoints that keep the newest K beside the best (README "Long runs"), on
+tests/short_run.py's run: 5 steps, 3 batches per epoch, validation every 2 steps."""
 
 from __future__ import annotations
 
@@ -10,43 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import compose_config
 from tests.helpers import read_metrics_csv
-from train import train
-
-K = 2  # periodic checkpoints kept
-# 3 batches per epoch, 5 steps: validations after steps 2 and 4 (the second in epoch 1), none
-# at the end of epoch 0 (step 3) nor at the end of training (step 5); a checkpoint every step
-RUN = [
-    "trainer.max_steps=5",
-    "trainer.max_epochs=-1",
-    "trainer.val_check_interval=2",
-    "trainer.check_val_every_n_epoch=null",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=1",
-    "trainer.log_every_n_steps=1",
-    "callbacks.periodic_checkpoint.every_n_train_steps=1",
-    f"callbacks.periodic_checkpoint.save_top_k={K}",
-    "callbacks.model_summary=null",
-    "callbacks.reconstruction_grid=null",
-    "extras.print_config=false",
-]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, float], Path]:
-    """Returned metrics and run directory of the step-budget run."""
-    run_dir = tmp_path_factory.mktemp("budget")
-    return train(compose_config("train", RUN, output_dir=run_dir)), run_dir
+from tests.short_run import K
 
 
 def global_step(path: Path) -> int:
     return int(torch.load(path, weights_only=True)["global_step"])
 
 
-def test_trains_to_the_step_budget_validating_every_two_steps(run) -> None:
-    metrics, run_dir = run
+def test_trains_to_the_step_budget_validating_every_two_steps(short_run) -> None:
+    metrics, run_dir = short_run
     checkpoints = run_dir / "checkpoints"
     assert global_step(checkpoints / "last.ckpt") == 5
     assert json.loads((checkpoints / "final.json").read_text())["global_step"] == 5
@@ -64,10 +38,11 @@ def test_trains_to_the_step_budget_validating_every_two_steps(run) -> None:
     assert list((run_dir / "code_frequencies").glob("test_step=*.png"))
 
 
-def test_periodic_checkpoints_keep_the_newest_k_and_the_best_survives(run) -> None:
-    _, run_dir = run
+def test_periodic_checkpoints_keep_the_newest_k_and_the_best_survives(short_run) -> None:
+    _, run_dir = short_run
     checkpoints = run_dir / "checkpoints"
     periodic = sorted(checkpoints.glob("step_*.ckpt"))
+    assert len(periodic) == K
     assert [p.name for p in periodic] == ["step_0000004.ckpt", "step_0000005.ckpt"]
     assert [global_step(p) for p in periodic] == [4, 5]  # steps 1-3 were written, then pruned
     assert global_step(checkpoints / "last.ckpt") == 5
