@@ -10,6 +10,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from src.models.conv2d import ConvDecoder2d, ConvEncoder2d
+from src.models.latent_norm import build_latent_norm
 from src.models.quantizer_adapter import QuantizedLatents, quantize_latent_map
 from src.models.tokenizer_module import TokenizerModule
 
@@ -32,6 +33,8 @@ class ImageTokenizer(TokenizerModule):
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        latent_norm: str | None = None,
+        latent_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if recon_loss not in RECON_LOSSES:
@@ -42,6 +45,7 @@ class ImageTokenizer(TokenizerModule):
         self.encoder = ConvEncoder2d(in_channels, latent_dim, list(channels), num_res_blocks)
         self.decoder = ConvDecoder2d(in_channels, latent_dim, list(channels), num_res_blocks)
         self.recon_loss_fn = RECON_LOSSES[recon_loss]
+        self.latent_norm = build_latent_norm(latent_norm, latent_dim, latent_scale)
         self.init_quantizer(quantizer, latent_dim)
 
     def make_stage_metrics(self) -> dict[str, Metric]:
@@ -67,7 +71,7 @@ class ImageTokenizer(TokenizerModule):
     def encode(self, images: Tensor) -> QuantizedLatents:
         """Images in [0, 1] -> quantized latents, token indices and the quantizer's loss."""
         self.check_images(images)
-        return quantize_latent_map(self.quantizer, self.encoder(images * 2 - 1))
+        return quantize_latent_map(self.quantizer, self.latent_norm(self.encoder(images * 2 - 1)))
 
     def decode(self, latents: Tensor) -> Tensor:
         """Quantized latents -> images in [0, 1] (unclamped)."""
