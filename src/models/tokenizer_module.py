@@ -53,8 +53,9 @@ class TokenizerModule(LightningModule):
         return getattr(self, f"{stage}_metrics")
 
     def setup(self, stage: str) -> None:
-        """Hand the quantizer a communicator over the trainer's strategy (no-op on one process)."""
-        install_communicator(self.quantizer, StrategyCommunicator(self.trainer.strategy))
+        """Hand a communicator over the trainer's strategy to every submodule that syncs state
+        across ranks: the quantizer and, if set, the latent normalisation (no-op on one process)."""
+        install_communicator(self, StrategyCommunicator(self.trainer.strategy))
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         out = self.shared_step(batch, "train")

@@ -56,9 +56,13 @@ CASES: dict[str, dict[str, Any]] = {
         "quantize_dropout": True,
         "commitment_weight": 0.25,
     },
+    # the latent normalisation's batch statistics and running estimates (FSQ has no state)
+    "fsq_norm": {"name": "fsq", "levels": [5, 5, 5]},
 }
+# tokenizer options of a case besides its quantizer
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {"fsq_norm": {"latent_norm": "batch"}}
 # control cases: the same quantizer, no communicator
-UNSYNCED = {"vq_unsynced": "vq"}
+UNSYNCED = {"vq_unsynced": "vq", "fsq_norm_unsynced": "fsq_norm"}
 RUNS = [*CASES, *UNSYNCED]
 
 
@@ -126,6 +130,7 @@ class RecordQuantizer(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         state = pl_module.quantizer.state_dict()
+        state.update({f"latent_norm.{k}": v for k, v in pl_module.latent_norm.state_dict().items()})
         self.states.append({k: v.detach().clone() for k, v in state.items()})
 
 
@@ -133,9 +138,11 @@ def build_model(name: str) -> ImageTokenizer:
     """The case's tokenizer with seeded weights (the same on every rank and on one process)."""
     torch.manual_seed(0)
     model_class = UnsyncedImageTokenizer if name in UNSYNCED else ImageTokenizer
+    case = UNSYNCED.get(name, name)
     return model_class(
         in_channels=1,
-        quantizer=dict(CASES[UNSYNCED.get(name, name)]),
+        quantizer=dict(CASES[case]),
+        **MODEL_OPTIONS.get(case, {}),
         latent_dim=LATENT_DIM,
         channels=(8, 16, 16),
         lr=2e-3,
