@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import threading
 
 import pytest
 import torch
@@ -103,7 +102,6 @@ def test_two_ranks_normalise_with_the_statistics_of_their_union() -> None:
     results: dict[int, tuple[torch.Tensor, torch.Tensor, ScaledBatchNorm]] = {}
 
     def run(rank: int) -> None:
-        comm.local.rank = rank
         norm = copy.deepcopy(base)
         norm.set_communicator(comm)
         x = shards[rank].clone().requires_grad_()
@@ -111,11 +109,7 @@ def test_two_ranks_normalise_with_the_statistics_of_their_union() -> None:
         (out * weights[rank]).sum().backward()
         results[rank] = (out.detach(), x.grad, norm)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    comm.run_each(run)
     union_x = torch.cat(shards).requires_grad_()
     union = copy.deepcopy(base)
     union_out = union(union_x)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -154,6 +155,19 @@ class ThreadRanks:
         total = sum(self.slots)
         self.barrier.wait()  # nobody overwrites a slot before everyone has read it
         return total / self.world_size if op == "mean" else total
+
+    def run_each(self, fn: Callable[[int], None]) -> None:
+        """Run `fn(rank)` on one thread per rank (this communicator's rank set) and wait."""
+
+        def as_rank(rank: int) -> None:
+            self.local.rank = rank
+            fn(rank)
+
+        threads = [threading.Thread(target=as_rank, args=(r,)) for r in range(self.world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
 
 
 def test_differentiable_all_reduce_over_two_fake_ranks() -> None:
