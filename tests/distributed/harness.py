@@ -9,10 +9,12 @@ process group (`run_cases`), since starting the two processes costs seconds.
 from __future__ import annotations
 
 import os
-import socket
+import sys
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -30,10 +32,11 @@ BatchFn = Callable[[int], Tensor]  # step -> global batch (batch-first)
 TrainFn = Callable[[nn.Module, list[Tensor], Communicator], dict[str, Tensor]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def store_url(directory: Path) -> str:
+    """A new file store for one process group. A TCP store would need a free port and has
+    rank 0 host it on a thread that, left running at interpreter exit, now and then aborts
+    that process (SIGABRT, "terminate called without an active exception")."""
+    return f"file://{directory}/process_group_{uuid.uuid4().hex}"
 
 
 def _loss(output: tuple) -> Tensor:
@@ -99,7 +102,7 @@ class Case:
 
 
 def _worker(
-    rank: int, port: int, cases: Mapping[str, Case], out: str, early: bool, sync: bool
+    rank: int, init_method: str, cases: Mapping[str, Case], out: str, early: bool, sync: bool
 ) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -107,9 +110,7 @@ def _worker(
     for name, case in cases.items() if early else ():  # built before the process group exists
         torch.manual_seed(0)
         built[name] = case.build()
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         communicator = TorchDistributedCommunicator()
         for name, case in cases.items():
@@ -123,8 +124,19 @@ def _worker(
             shards = [case.batch(step).chunk(WORLD_SIZE)[rank] for step in range(case.steps)]
             result = case.train(quantizer, shards, communicator)
             torch.save(result, Path(out) / f"{name}.rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
+    exit_worker()
+
+
+def exit_worker() -> NoReturn:
+    """End a worker whose results are saved and whose group is destroyed, skipping the
+    interpreter's teardown: now and then a gloo thread still joinable there aborts the rank
+    (SIGABRT, "terminate called without an active exception") after its work is done."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_cases(
@@ -140,7 +152,7 @@ def run_cases(
     """
     mp.start_processes(
         _worker,
-        args=(_free_port(), dict(cases), str(tmp_path), build_before_group, sync),
+        args=(store_url(tmp_path), dict(cases), str(tmp_path), build_before_group, sync),
         nprocs=WORLD_SIZE,
         start_method="spawn",
     )

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from src.metrics import CodebookUsage
-from tests.distributed.harness import WORLD_SIZE, _free_port
+from tests.distributed.harness import WORLD_SIZE, exit_worker, store_url
 
 CODEBOOK_SIZE, NUM_CODEBOOKS = 16, 2
 
@@ -26,22 +26,22 @@ def shard_indices(rank: int) -> torch.Tensor:
     return indices
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, init_method: str, out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE
-    )
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=WORLD_SIZE)
     try:
         metric = CodebookUsage(CODEBOOK_SIZE, NUM_CODEBOOKS)
         metric.update(shard_indices(rank))
         torch.save(metric.compute(), Path(out) / f"usage{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_worker()
 
 
 def test_usage_under_ddp_equals_usage_of_gathered_indices(tmp_path: Path) -> None:
     mp.start_processes(
-        _worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn"
+        _worker, args=(store_url(tmp_path), str(tmp_path)), nprocs=WORLD_SIZE, start_method="spawn"
     )
     reference = CodebookUsage(CODEBOOK_SIZE, NUM_CODEBOOKS)
     reference.update(torch.cat([shard_indices(r) for r in range(WORLD_SIZE)]))
