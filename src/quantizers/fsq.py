@@ -41,10 +41,13 @@ class _RoundBounded(torch.autograd.Function):
     def forward(ctx, z, shift, half_l, offset, half_width, noise):  # type: ignore[override]
         squashed = torch.tanh(z + shift)
         bounded = torch.addcmul(-offset, squashed, half_l)
-        rounded = bounded.round()
+        if noise is None:
+            rounded = levels = bounded.round_()  # the unrounded value is not needed: in place
+        else:
+            rounded = bounded.round()
+            levels = torch.where(noise.isnan(), rounded, bounded.add_(noise))
         ctx.save_for_backward((1.0 - squashed * squashed).mul_(half_l / half_width))
         ctx.mark_non_differentiable(rounded)
-        levels = rounded if noise is None else torch.where(noise.isnan(), rounded, bounded + noise)
         return levels / half_width, rounded
 
     @staticmethod
