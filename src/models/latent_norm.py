@@ -49,10 +49,11 @@ class ScaledBatchNorm(Distributable):
         """Mean and (biased) variance per channel of (batch, channels, positions) over ranks;
         two passes, so a large mean does not cancel the variance in float32."""
         comm = self.communicator
-        count = torch.tensor(float(x.shape[0] * x.shape[2]), device=x.device)
-        if comm.world_size > 1:
-            count = comm.all_reduce(count, "sum")
-        mean = differentiable_all_reduce_sum(x.sum(dim=(0, 2)), comm) / count
+        positions = x.new_full((1,), float(x.shape[0] * x.shape[2]))
+        # one all-reduce for the sums and the number of positions they cover
+        totals = differentiable_all_reduce_sum(torch.cat([x.sum(dim=(0, 2)), positions]), comm)
+        sums, count = totals[:-1], totals[-1]
+        mean = sums / count
         centred = x - mean[:, None]
         var = differentiable_all_reduce_sum(centred.square().sum(dim=(0, 2)), comm) / count
         with torch.no_grad():
