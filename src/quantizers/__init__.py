@@ -1,6 +1,18 @@
 """The quantizer zoo: plain nn.Modules with the reference library's API, built by name."""
 
 from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
+from src.quantizers.contract import (
+    MASKED,
+    IndexLayout,
+    IndexRangeError,
+    QuantizerContract,
+    aux_loss,
+    check_contract,
+    check_index_range,
+    index_layout,
+    index_slots,
+    slots_to_indices,
+)
 from src.quantizers.fsq import FSQ, FSQOutput
 from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
 from src.quantizers.lfq import BSQ, LFQ, LFQOutput
@@ -30,14 +42,18 @@ __all__ = [
     "BSQ",
     "FSQ",
     "LFQ",
+    "MASKED",
     "Communicator",
     "FSQOutput",
     "GroupedResidualFSQ",
     "GroupedResidualLFQ",
     "GroupedResidualVQ",
+    "IndexLayout",
+    "IndexRangeError",
     "LFQOutput",
     "LatentQuantize",
     "LatentQuantizeOutput",
+    "QuantizerContract",
     "RandomProjectionQuantizer",
     "ResidualFSQ",
     "ResidualFSQOutput",
@@ -57,9 +73,15 @@ __all__ = [
     "UnknownQuantizerError",
     "VQOutput",
     "VectorQuantize",
+    "aux_loss",
     "build_quantizer",
+    "check_contract",
+    "check_index_range",
+    "index_layout",
+    "index_slots",
     "install_communicator",
     "quantizer_class",
     "register_quantizer",
     "registered_quantizers",
+    "slots_to_indices",
 ]

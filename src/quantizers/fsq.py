@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.registry import register_quantizer
 
 _MAX_INDEXABLE = 2**63  # indices are int64: the largest index prod(levels) - 1 must fit
@@ -57,7 +58,7 @@ class _RoundBounded(torch.autograd.Function):
 
 
 @register_quantizer("fsq")
-class FSQ(nn.Module):
+class FSQ(nn.Module, QuantizerContract):
     """Round each of `len(levels)` channels to its own number of levels.
 
     Input is channel-last `(..., dim)`, or `(batch, dim, *spatial)` when built with
@@ -191,9 +192,12 @@ class FSQ(nn.Module):
                 )
         else:
             indices = indices.unsqueeze(-1)
+        check_index_range(indices, self.codebook_size, self)
         codes = self._indices_to_level_codes(indices).flatten(-2)
         codes = self.project_out(codes.to(self._project_dtype()))
         return codes.movedim(-1, 1) if self.channel_first else codes
+
+    decode_indices = indices_to_codes  # the contract's name (src/quantizers/contract.py)
 
     @property
     def implicit_codebook(self) -> Tensor:

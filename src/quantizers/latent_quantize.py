@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.kernels import straight_through
 from src.quantizers.registry import register_quantizer
 
@@ -52,7 +53,7 @@ def _resolve_levels(levels: list[int] | int, codebook_dim: int, dim: int | None,
 
 
 @register_quantizer("latent_quantize")
-class LatentQuantize(nn.Module):
+class LatentQuantize(nn.Module, QuantizerContract):
     """Per-dimension learnable scalar codebooks with the reference library's keywords.
 
     Layout: a 3-D input is a sequence `(batch, seq, dim)`; a 4-D or 5-D input is a
@@ -169,6 +170,7 @@ class LatentQuantize(nn.Module):
                 "indices must be (batch, seq), (batch, height, width) or (batch, time, height, "
                 f"width), with a trailing num_codebooks axis if kept; got {tuple(indices.shape)}"
             )
+        check_index_range(indices, self.codebook_size, self)
         digits = (indices.long().unsqueeze(-1) // self._basis) % self._levels
         codes = self._digits_to_values(digits).flatten(-2)
         codes = codes.reshape(token_shape[0], -1, codes.shape[-1])
@@ -177,6 +179,10 @@ class LatentQuantize(nn.Module):
             codes = self.project_out(codes.to(weight.dtype if weight is not None else codes.dtype))
         codes = codes.reshape(*token_shape, codes.shape[-1])
         return codes.movedim(-1, 1) if len(token_shape) > 2 else codes
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """The contract's decode: `indices_to_codes` with the output projection."""
+        return self.indices_to_codes(indices)
 
     def _check_input(self, x: Tensor) -> bool:
         """Validate the layout; True when `x` is a channel-first image or video map."""

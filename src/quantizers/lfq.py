@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from src.quantizers.collectives import differentiable_all_reduce_sum
 from src.quantizers.communicator import Distributable
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.kernels.entropy import (
     MAX_EXACT_BITS,
     batch_entropy,
@@ -80,7 +81,7 @@ def _codebook_bits(codebook_size: int | None, dim: int | None, num_codebooks: in
 
 
 @register_quantizer("lfq")
-class LFQ(Distributable):
+class LFQ(Distributable, QuantizerContract):
     """Sign quantization of `num_codebooks` groups of `log2(codebook_size)` channels.
 
     Input: a sequence `(batch, seq, dim)`, or a channel-first image/video map
@@ -221,6 +222,7 @@ class LFQ(Distributable):
                 )
         else:
             indices = indices.unsqueeze(-1)
+        check_index_range(indices, self.codebook_size, self)
         positive = (indices.long().unsqueeze(-1) & self._bit_weights) != 0
         codes = self._codes_from_signs(positive, torch.float32)
         if self.orthogonal_rotation:
@@ -229,6 +231,10 @@ class LFQ(Distributable):
         if project_out:
             codes = self.project_out(codes)
         return codes.movedim(-1, 1) if transpose else codes
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """The contract's decode: `indices_to_codes` with the output projection."""
+        return self.indices_to_codes(indices)
 
     # -- forward -----------------------------------------------------------------------------
 

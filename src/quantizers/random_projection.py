@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from src.quantizers.communicator import Distributable
+from src.quantizers.contract import QuantizerContract
 from src.quantizers.kernels import l2_normalize, nearest_code
 from src.quantizers.registry import register_quantizer
 
 
 @register_quantizer("rpq")
-class RandomProjectionQuantizer(Distributable):
+class RandomProjectionQuantizer(Distributable, QuantizerContract):
     """`(batch, seq, dim)` -> int64 indices `(batch, seq, num_codebooks)`.
 
     `norm=True` standardises every token over its features (zero mean, unit variance, no
@@ -82,6 +83,14 @@ class RandomProjectionQuantizer(Distributable):
                 x = F.layer_norm(x, (self.dim,))
             projected = torch.einsum("bnd,hde->bnhe", x, self.rand_projs.float())
             return l2_normalize(projected)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Not available: the contract's decode reproduces a quantized output, and this
+        quantizer has none (its indices are targets for masked prediction)."""
+        raise TypeError(
+            "RandomProjectionQuantizer produces indices only (targets for masked prediction); "
+            "there is no quantized output to decode them to"
+        )
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:

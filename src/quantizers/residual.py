@@ -8,7 +8,8 @@ Layer protocol (what `ResidualStack` needs from each layer):
   (a NamedTuple is fine) `(quantized, indices[, loss, ...])`: `quantized` with `x`'s shape and
   value equal to the decoded codes, `indices` int64 of shape `(batch, seq)`, and optionally a
   loss tensor of any fixed shape (VectorQuantize: (1,); LFQ: ()). Extra fields are ignored.
-- a decode method, named by the stack's `decode` argument (default `get_output_from_indices`;
+- `codebook_size` (the same on every layer; indices are checked against it) and a decode
+  method, named by the stack's `decode` argument (default `get_output_from_indices`;
   FSQ-like layers pass `decode="indices_to_codes"`), mapping `(batch, seq)` indices in
   `[0, codebook_size)` to `(batch, seq, dim)` values equal to what forward returned in eval
   mode. The stack never hands it -1: it decodes 0 there and zeroes the result itself.
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
+from src.quantizers.contract import check_index_range
 
 # Makes one layer object that appears several times in the stack (a shared codebook) collect
 # its state updates over the whole pass and apply them once when the context exits.
@@ -72,6 +74,7 @@ class ResidualStack(Distributable):
         quantize_dropout_multiple_of: int = 1,
         decode: str = "get_output_from_indices",
         defer_updates: DeferUpdates | None = None,
+        owner: str = "ResidualStack",
     ) -> None:
         super().__init__()
         if len(layers) == 0:
@@ -101,6 +104,7 @@ class ResidualStack(Distributable):
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.decode = decode
         self.defer_updates = defer_updates
+        self.owner = owner  # named in index range errors
 
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to the layers too, even without `install_communicator`."""
@@ -189,6 +193,7 @@ class ResidualStack(Distributable):
                 f"indices must be (batch, seq, q) with 1 <= q <= {self.depth}, "
                 f"got shape {tuple(indices.shape)}"
             )
+        check_index_range(indices, int(self.layer(0).codebook_size), self.owner, allow_masked=True)
         batch_shape = indices.shape[:-1]
         flat = indices.reshape(-1, indices.shape[-1]).long()
         if flat.shape[-1] < self.depth:

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.fsq import FSQ
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.kernels import straight_through
@@ -63,12 +64,13 @@ class FSQRefinement(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Codes (..., len(levels)) of int indices (...), equal to what forward returned."""
+        check_index_range(indices, self.codebook_size, "ResidualFSQ layer")
         digits = (indices.long().unsqueeze(-1) // self._basis) % self._levels
         return self._codes(digits)
 
 
 @register_quantizer("rfsq")
-class ResidualFSQ(nn.Module):
+class ResidualFSQ(nn.Module, QuantizerContract):
     """`num_quantizers` FSQ layers on successive residuals, with the reference's keywords.
 
     Input is channel-last `(..., dim)` or, with `is_channel_first=True`, `(batch, dim, ...)`.
@@ -108,6 +110,7 @@ class ResidualFSQ(nn.Module):
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
+            owner=type(self).__name__,
         )
 
     def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
@@ -144,6 +147,8 @@ class ResidualFSQ(nn.Module):
         out = self._project_out(codes, self._project_dtype()).reshape(*token_shape, self.dim)
         return out.movedim(-1, 1) if self.is_channel_first else out
 
+    decode_indices = get_output_from_indices  # the contract's name
+
     def _project_out(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
         return self.project_out(codes.to(dtype))
 
@@ -174,7 +179,7 @@ class ResidualFSQ(nn.Module):
 
 
 @register_quantizer("grfsq")
-class GroupedResidualFSQ(nn.Module):
+class GroupedResidualFSQ(nn.Module, QuantizerContract):
     """`groups` ResidualFSQs, each on its own slice of the feature axis.
 
     Indices are (groups, ..., num_quantizers). `accept_image_fmap=True` takes channel-first
@@ -214,3 +219,5 @@ class GroupedResidualFSQ(nn.Module):
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Decode (groups, ..., q) indices into forward's output."""
         return self.grouped.get_output_from_indices(indices)
+
+    decode_indices = get_output_from_indices  # the contract's name

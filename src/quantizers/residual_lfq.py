@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.lfq import LFQ
 from src.quantizers.registry import register_quantizer
@@ -44,7 +45,7 @@ class ResidualLFQCodesOutput(NamedTuple):
 
 
 @register_quantizer("rlfq")
-class ResidualLFQ(nn.Module):
+class ResidualLFQ(nn.Module, QuantizerContract):
     """`num_quantizers` LFQ layers of `codebook_size` codes, each quantizing what the previous
     left; layer `i` has `codebook_scale = 2^-i` (and half the previous soft clamp).
 
@@ -101,6 +102,7 @@ class ResidualLFQ(nn.Module):
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
+            owner=type(self).__name__,
         )
 
     @property
@@ -149,6 +151,8 @@ class ResidualLFQ(nn.Module):
         out = out.reshape(*indices.shape[:-1], self.dim)
         return out.movedim(-1, 1) if self.channel_first else out
 
+    decode_indices = get_output_from_indices  # the contract's name
+
     def _flat_indices(self, indices: Tensor) -> Tensor:
         if indices.ndim < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
             raise ValueError(
@@ -173,7 +177,7 @@ class ResidualLFQ(nn.Module):
 
 
 @register_quantizer("grlfq")
-class GroupedResidualLFQ(nn.Module):
+class GroupedResidualLFQ(nn.Module, QuantizerContract):
     """`groups` ResidualLFQs, each on its own slice of the feature axis.
 
     Indices are (groups, batch, ..., num_quantizers), losses (groups, num_quantizers).
@@ -213,3 +217,5 @@ class GroupedResidualLFQ(nn.Module):
 
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         return self.grouped.get_output_from_indices(indices)
+
+    decode_indices = get_output_from_indices  # the contract's name

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract
 from src.quantizers.registry import register_quantizer
 from src.quantizers.residual import ResidualStack
 from src.quantizers.simvq import SimVQ
@@ -22,7 +23,7 @@ class ResidualSimVQOutput(NamedTuple):
 
 
 @register_quantizer("rsimvq")
-class ResidualSimVQ(nn.Module):
+class ResidualSimVQ(nn.Module, QuantizerContract):
     """`num_quantizers` SimVQ layers, each quantizing what the previous ones left over.
 
     Input is channel-last `(batch, ..., dim)`, or `(batch, dim, ...)` with
@@ -59,6 +60,7 @@ class ResidualSimVQ(nn.Module):
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
+            owner=type(self).__name__,
         )
         self.dim = dim
         self.codebook_size = codebook_size
@@ -101,6 +103,8 @@ class ResidualSimVQ(nn.Module):
         flat = indices.reshape(1, -1, indices.shape[-1])
         out = self.stack.get_output_from_indices(flat).reshape(*indices.shape[:-1], self.dim)
         return out.movedim(-1, 1) if self.channel_first else out
+
+    decode_indices = get_output_from_indices  # the contract's name
 
     def _check_input(self, x: Tensor) -> None:
         axis = 1 if self.channel_first else -1

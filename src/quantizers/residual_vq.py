@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
+from src.quantizers.contract import QuantizerContract
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.registry import register_quantizer
 from src.quantizers.residual import ResidualStack, share_communicator
@@ -38,7 +39,7 @@ class ResidualVQCodesOutput(NamedTuple):
 
 
 @register_quantizer("rvq")
-class ResidualVQ(Distributable):
+class ResidualVQ(Distributable, QuantizerContract):
     """`num_quantizers` VectorQuantize layers on successive residuals, with the guide's API.
 
     Input `(batch, seq, dim)`, or with `accept_image_fmap=True` channel-first
@@ -93,6 +94,7 @@ class ResidualVQ(Distributable):
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             defer_updates=VectorQuantize.pooled_updates if shared_codebook else None,
+            owner=type(self).__name__,
         )
 
     def set_communicator(self, communicator: Communicator) -> None:
@@ -190,14 +192,16 @@ class ResidualVQ(Distributable):
         """
         return self.stack.get_codes_from_indices(indices)
 
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+    def decode_indices(self, indices: Tensor) -> Tensor:
         """Decode (..., Q) indices to the eval forward's output, in the input layout."""
         summed = self.project_out(self.stack.get_output_from_indices(indices))
         return summed.movedim(-1, 1) if self.accept_image_fmap else summed
 
+    get_output_from_indices = decode_indices  # the reference's name
+
 
 @register_quantizer("grvq")
-class GroupedResidualVQ(GroupedResidual):
+class GroupedResidualVQ(GroupedResidual, QuantizerContract):
     """`groups` ResidualVQs, each over its own `dim // groups` slice of the features.
 
     Indices (groups, batch, seq, Q) and losses (groups, 1, Q); all keywords but `dim`,
@@ -234,6 +238,10 @@ class GroupedResidualVQ(GroupedResidual):
     ) -> ResidualVQOutput | ResidualVQCodesOutput:
         """quantized like `x`; indices (G, ..., Q); loss (G, 1, Q); all_codes (G, Q, ..., d)."""
         return super().forward(x, mask=mask, return_all_codes=return_all_codes, **kwargs)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Decode (G, ..., Q) indices to the eval forward's output, in the input layout."""
+        return self.get_output_from_indices(indices)
 
 
 @register_quantizer("rvq_shared")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.kernels import nearest_code, rotate_to, straight_through
 from src.quantizers.registry import register_quantizer
 
@@ -34,7 +35,7 @@ def _identity(codebook: Tensor) -> Tensor:
 
 
 @register_quantizer("simvq")
-class SimVQ(nn.Module):
+class SimVQ(nn.Module, QuantizerContract):
     """Nearest-code quantizer over the learned transform of a frozen random codebook.
 
     Input is channel-last `(..., dim)` (e.g. `(batch, seq, dim)`), or channel-first
@@ -95,10 +96,12 @@ class SimVQ(nn.Module):
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
         """Decode int indices (...) into the forward output (..., dim) in the input layout."""
+        check_index_range(indices, self.codebook_size, self)
         codes = F.embedding(indices.long(), self.codebook)
         return codes.movedim(-1, 1) if self.channel_first else codes
 
     get_output_from_indices = indices_to_codes
+    decode_indices = indices_to_codes  # the contract's name
 
     def forward(self, x: Tensor) -> SimVQOutput:
         """Quantize `x`; the loss is always computed (its gradient trains the map)."""

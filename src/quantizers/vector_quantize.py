@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.quantizers.collectives import all_gather_varying
+from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.kernels import (
     code_scores_bias,
     cosine_rotate_commit,
@@ -43,7 +44,7 @@ class VQOutput(NamedTuple):
 
 
 @register_quantizer("vq")
-class VectorQuantize(CodebookState):
+class VectorQuantize(CodebookState, QuantizerContract):
     """Vector quantizer with the reference library's keywords, call forms and output shapes.
 
     Inputs are `(batch, seq, dim)` sequences (`(batch, dim, seq)` with `channel_last=False`)
@@ -222,18 +223,22 @@ class VectorQuantize(CodebookState):
         idx = indices if self.heads > 1 else indices.unsqueeze(-1)
         if idx.shape[-1] != self.heads:
             raise ValueError(f"indices must end in a heads axis of {self.heads}, got {idx.shape}")
+        check_index_range(indices, self.codebook_size, self, allow_masked=True)
         flat = idx.clamp_min(0) + self._head_offsets(idx.device)
         codes = F.embedding(flat, self._lookup_codebook()).masked_fill((idx < 0).unsqueeze(-1), 0)
         return codes.reshape(*idx.shape[:-1], self.heads * self.codebook_dim)
 
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode indices to the forward output (after project_out, in the input layout)."""
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Decode indices to the forward output (after project_out, in the input layout);
+        -1 (masked) gives zeros, any other index outside [0, codebook_size) an error."""
         codes = self.get_codes_from_indices(indices)
         if isinstance(self.project_out, nn.Linear):
             codes = codes.to(self.project_out.weight.dtype)
         masked = (indices < 0) if self.heads == 1 else (indices < 0).any(-1)
         out = self.project_out(codes).masked_fill(masked.unsqueeze(-1), 0.0)
         return self._from_tokens(out)
+
+    get_output_from_indices = decode_indices  # the reference's name
 
     def _search(self, latents: Tensor, codebook: Tensor, temperature: float) -> Tensor:
         """(N, heads) indices into the stacked (C*K, d) codebook for (N, heads, d) latents."""
