@@ -18,6 +18,7 @@ from src.models.audio_losses import (
     bitrate_kbps,
     si_snr,
 )
+from src.models.codes_api import CodesAPI
 from src.models.conv1d import ConvDecoder1d, ConvEncoder1d
 from src.models.quantizer_adapter import QuantizedLatents, quantize_latent_map
 from src.models.tokenizer_module import TokenizerModule
@@ -34,13 +35,17 @@ EPOCH_METRICS = (
 )
 
 
-class AudioTokenizer(TokenizerModule):
+class AudioTokenizer(CodesAPI, TokenizerModule):
     """Learns discrete tokens of mono waveforms (B, 1, T); logs SI-SNR, mel distance, bitrate
     and codebook usage per epoch.
 
     Loss = waveform_weight * L1 + mel_weight * multi-scale mel + stft_weight * multi-resolution
-    STFT + the quantizer's own losses (as for images).
+    STFT + the quantizer's own losses (as for images). Codes API (src/models/codes_api.py):
+    codes (B, frames, Q), one frame per `hop` samples.
     """
+
+    modality = "audio"
+    grid_ndim = 1
 
     def __init__(
         self,
@@ -89,6 +94,12 @@ class AudioTokenizer(TokenizerModule):
                 "AudioTokenizer expects float mono waveforms shaped (batch, 1, samples); got "
                 f"{waveforms.dtype} {tuple(waveforms.shape)}"
             )
+
+    def code_grid(self, input_shape: tuple[int, ...]) -> tuple[int]:
+        """(frames,) of (..., samples) waveforms: ceil(samples / hop) (padded to whole frames)."""
+        if len(input_shape) < 1 or input_shape[-1] < 1:
+            raise ValueError(f"expected (..., samples) waveforms, got shape {tuple(input_shape)}")
+        return (-(-input_shape[-1] // self.hop),)
 
     def encode(self, waveforms: Tensor) -> QuantizedLatents:
         """(B, 1, T) -> latents (B, C, ceil(T / hop)); the input is zero-padded to whole frames."""

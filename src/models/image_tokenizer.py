@@ -9,6 +9,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from src.models.codes_api import CodesAPI
 from src.models.conv2d import ConvDecoder2d, ConvEncoder2d
 from src.models.latent_norm import build_latent_norm
 from src.models.quantizer_adapter import QuantizedLatents, quantize_latent_map
@@ -17,8 +18,13 @@ from src.models.tokenizer_module import TokenizerModule
 RECON_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
 
 
-class ImageTokenizer(TokenizerModule):
-    """Learns discrete tokens for images in [0, 1]; logs PSNR and codebook usage per epoch."""
+class ImageTokenizer(CodesAPI, TokenizerModule):
+    """Learns discrete tokens for images in [0, 1]; logs PSNR and codebook usage per epoch.
+    Codes API (src/models/codes_api.py): codes (B, h, w, Q), decoded images clamped to [0, 1].
+    """
+
+    modality = "image"
+    grid_ndim = 2
 
     def __init__(
         self,
@@ -67,6 +73,18 @@ class ImageTokenizer(TokenizerModule):
                 f"width) with height and width divisible by {factor}; got {images.dtype} "
                 f"{tuple(images.shape)}. Datamodules must yield image tensors in [0, 1]."
             )
+
+    def code_grid(self, input_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(h, w) codes of (..., height, width) images: each side over the downsampling."""
+        factor = self.encoder.downsample_factor
+        if len(input_shape) < 2 or input_shape[-2] % factor or input_shape[-1] % factor:
+            raise ValueError(
+                f"image sides must be divisible by {factor}; got input shape {tuple(input_shape)}"
+            )
+        return input_shape[-2] // factor, input_shape[-1] // factor
+
+    def finish_decoded(self, media: Tensor) -> Tensor:
+        return media.clamp(0, 1)
 
     def encode(self, images: Tensor) -> QuantizedLatents:
         """Images in [0, 1] -> quantized latents, token indices and the quantizer's loss."""
