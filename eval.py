@@ -25,6 +25,7 @@ from src.callbacks.config_in_checkpoint import CONFIG_KEY
 from src.utils.checkpoint_watch import CheckpointWatcher, checkpoint_directory
 from src.utils.config_checks import check_quantizer_config, model_overrides
 from src.utils.instantiate import instantiate_loggers
+from src.utils.monitor import monitor_of
 from src.utils.report import print_results
 from src.utils.run_name import register_resolvers
 
@@ -124,7 +125,7 @@ def watch(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
-        log.info("evaluated %s (step %d): %s", path.name, step, _brief(metrics))
+        log.info("evaluated %s (step %d): %s", path.name, step, _brief(metrics, run_cfg))
         latest.clear()
         latest.update(metrics)
         latest["step"] = float(step)
@@ -144,8 +145,11 @@ def watch(cfg: DictConfig) -> dict[str, float]:
     return latest
 
 
-def _brief(metrics: dict[str, float]) -> str:
-    shown = [k for k in ("val/psnr", "val/si_snr", "val/codebook/utilization") if k in metrics]
+def _brief(metrics: dict[str, float], run_cfg: DictConfig) -> str:
+    """The run's monitored metric (and codebook utilization, for tokenizers)."""
+    monitor = monitor_of(run_cfg)
+    wanted = [monitor.metric] if monitor else []
+    shown = [k for k in (*wanted, "val/codebook/utilization") if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.4f}" for k in shown)
 
 

@@ -1,4 +1,5 @@
-"""Train a tokenizer: `python train.py [group=option ...] [key=value ...]` (configs/train.yaml)."""
+"""Train a model (a tokenizer by default; `model=<name>` picks another kind):
+`python train.py [group=option ...] [key=value ...]` (configs/train.yaml)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,14 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from src.callbacks import ConfigInCheckpoint
 from src.callbacks.preemption import RunPreempted
-from src.utils.config_checks import check_quantizer_config, model_overrides
+from src.utils.config_checks import check_monitor, check_quantizer_config, model_overrides
 from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from src.utils.launch_rank import is_launch_rank_zero
@@ -31,6 +33,7 @@ from src.utils.run_controller import (
 )
 from src.utils.run_files import final_metrics, run_files
 from src.utils.run_name import register_resolvers
+from src.utils.run_status import record_failure
 
 register_resolvers()
 
@@ -53,6 +56,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: L.LightningModule = hydra.utils.instantiate(
         cfg.model, _convert_="all", **model_overrides(cfg, datamodule)
     )
+    check_monitor(cfg, model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
     controller = controller_callbacks(cfg, run_dir)
@@ -112,7 +116,11 @@ def main(cfg: DictConfig) -> Any:
         warnings.filterwarnings("ignore")
     if cfg.extras.get("print_config") and is_launch_rank_zero():  # once per run, not per rank
         print_config_tree(cfg)
-    with ddp_job_scope():  # under DDP, a multirun job's ranks run only that job
+    # a run that stops with an error leaves <run dir>/failed.json (scripts/compare.py reads it)
+    failure = record_failure(
+        Path(cfg.paths.output_dir), write=is_launch_rank_zero(), not_failures=(SIGTERMException,)
+    )
+    with ddp_job_scope(), failure:  # under DDP, a multirun job's ranks run only that job
         metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric") or "")
 

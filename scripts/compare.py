@@ -7,10 +7,14 @@
 Prints a table (rich) and writes `comparison.md`, `comparison.csv` and `comparison.png`
 (reconstruction quality against codebook utilization, and against bitrate when the runs log
 one) into `--out`, by default the directory given (or the runs' common parent). Metrics are
-the last values in each run's `csv/version_*/metrics.csv` (the CSV logger, on by default);
-the stage is `test` when every run has test metrics, else `val`; tokens/s is the whole-run
-average logged at the end of training (`summary/tokens_per_sec`), else the last rolling
-`train/tokens_per_sec`; missing values are blank.
+the last values in each run's `csv/version_*/metrics.csv` (the CSV logger, on by default).
+Columns follow what the runs logged (src/utils/run_table.py): for tokenizers quality, codebook
+usage, bitrate and tokens/s; for other models their own shared metrics (e.g. a prior's nll).
+The stage is `test` when every run that did not fail has test metrics, else `val`; tokens/s is
+the whole-run average logged at the end of training (`summary/tokens_per_sec`), else the last
+rolling `train/tokens_per_sec`; missing values are blank. A run that failed (train.py left
+`failed.json`) is marked `failed` in a status column; a run without any metric (a crash before
+its first validation: only train.log and .hydra) gets no row and is listed with the reason.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def cell(column: str, value: object) -> str:
 def rich_table(comparison: Comparison, title: str) -> Table:
     table = Table(title=title, caption=caption(comparison))
     for column in comparison.columns:
-        numeric = column not in ("run", "overrides")
+        numeric = column not in ("run", "status", "overrides")
         table.add_column(column, justify="right" if numeric else "left", overflow="fold")
     for row in comparison.rows:
         table.add_row(*(cell(c, row[c]) for c in comparison.columns))
@@ -52,7 +56,15 @@ def rich_table(comparison: Comparison, title: str) -> Table:
 
 def caption(comparison: Comparison) -> str:
     common = " ".join(comparison.common_overrides) or "none"
-    return f"{comparison.stage} metrics; overrides shared by all runs: {common}"
+    text = f"{comparison.stage} metrics; overrides shared by all runs: {common}"
+    if comparison.left_out:
+        text += f"; {len(comparison.left_out)} run(s) left out (listed below the table)"
+    return text
+
+
+def left_out_lines(comparison: Comparison) -> list[str]:
+    """One line per run without a row: its directory and why."""
+    return [f"left out {path}: {reason}" for path, reason in comparison.left_out]
 
 
 def markdown(comparison: Comparison, title: str) -> str:
@@ -62,6 +74,9 @@ def markdown(comparison: Comparison, title: str) -> str:
     for row in comparison.rows:
         cells = (cell(c, row[c]).replace("|", "\\|") for c in comparison.columns)
         lines.append("| " + " | ".join(cells) + " |")
+    if comparison.left_out:
+        lines += ["", "Left out:", ""]
+        lines += [f"- `{path}`: {reason}" for path, reason in comparison.left_out]
     return "\n".join(lines) + "\n"
 
 
@@ -93,6 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:
         parser.error(str(error))
     comparison = compare([Run.load(d) for d in run_dirs], stage=args.stage)
+    if not comparison.rows:
+        for line in left_out_lines(comparison):
+            print(line, file=sys.stderr)
+        print(
+            f"no run to compare: none of the {len(run_dirs)} run directories logged any metric",
+            file=sys.stderr,
+        )
+        return 1
     out = args.out or default_out_dir(args.dirs, run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     title = f"vqzoo comparison of {len(run_dirs)} runs ({', '.join(map(str, args.dirs))})"
@@ -102,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     # piped output (files, CI logs) gets a wide table instead of rich's 80-column default
     console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(rich_table(comparison, title))
+    for line in left_out_lines(comparison):
+        print(line)
     (out / "comparison.md").write_text(markdown(comparison, title))
     write_csv(comparison, out / "comparison.csv")
     written = [out / "comparison.md", out / "comparison.csv"]

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 class CodeFrequencies(Callback):
     """After each validation and test epoch, reads the epoch's code counts from the model's
-    codebook-usage metric (`pl_module.metrics_for(stage)["codebook"]`) and writes
+    codebook-usage metric (`pl_module.codebook_usage(stage)`, src/models/tokenizer_module.py) and
+    writes
     `<dirpath>/val_epoch=EEE-step=SSSSSS.png` (tests: `test_step=SSSSSS.png`): per codebook
     (at most `max_codebooks`), the code frequencies sorted from most to least used, on a log
     scale, against the uniform 1/K line.
@@ -28,7 +29,8 @@ class CodeFrequencies(Callback):
 
     Lightning runs callbacks' epoch-end hooks before the model's, which logs and resets the
     metric; the counts are summed over ranks by the metric, so every rank calls this.
-    Codebooks counted sparsely (over 2^24 codes) have no per-code counts and are skipped.
+    Codebooks counted sparsely (over 2^24 codes) have no per-code counts and are skipped; a model
+    without codebooks (no `codebook_usage`) gets a warning once and no charts.
     """
 
     def __init__(self, dirpath: str, max_codebooks: int = 8) -> None:
@@ -36,6 +38,7 @@ class CodeFrequencies(Callback):
         self.max_codebooks = max_codebooks
         self.last_path: Path | None = None
         self.last_frequencies: dict[str, np.ndarray] = {}
+        self._warned = False
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -45,8 +48,17 @@ class CodeFrequencies(Callback):
         self._record(trainer, pl_module, "test")
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        metrics_for = getattr(pl_module, "metrics_for", None)
-        usage = metrics_for(stage)["codebook"] if metrics_for else None
+        codebook_usage = getattr(pl_module, "codebook_usage", None)
+        if not callable(codebook_usage):
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "code_frequencies: %s has no codebook_usage(stage); no charts are drawn "
+                    "(drop the callback with callbacks.code_frequencies=null)",
+                    type(pl_module).__name__,
+                )
+            return
+        usage = codebook_usage(stage)
         if usage is None or usage.update_count == 0 or usage.sparse:
             return
         frequencies = usage.compute()["code_frequencies"].cpu().numpy()  # (codebooks, codes)

@@ -1,14 +1,16 @@
 """Training throughput: `train/steps_per_sec`, `train/samples_per_sec`, `train/tokens_per_sec`.
 
-A token is one code index: latent positions x codes per position (`num_codebooks`), counted at
-the quantizer's input, so a 7x7 latent map with 4 residual codebooks is 196 tokens per image.
+Tokens are what the model says a training batch holds (`pl_module.tokens_in_batch(batch)`,
+src/models/base_module.py): for a tokenizer one code index per latent position and codebook, so a
+7x7 latent map with 4 residual codebooks is 196 tokens per image; a model without the hook, or
+returning None, gets steps and samples only.
 Rates are rolling averages over the last `window_size` training batches (Lightning's `Throughput`),
 summed over ranks, and exclude validation time, so they appear only once a window has filled.
 At the end of fit the whole-run averages (`summary()`) are logged once, at the final step, as
 `summary/steps_per_sec`, `summary/samples_per_sec` and `summary/tokens_per_sec`; the counts
 behind them travel in checkpoints, so a resumed run's averages cover every attempt's kept
 steps. Lightning's `ThroughputMonitor` is not used as-is: its metric names differ from vqzoo's
-stable ones and it does not count quantizer tokens.
+stable ones and it does not ask the model for its tokens.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 import torch
 from lightning import Callback, LightningModule, Trainer
 from lightning.fabric.utilities.throughput import Throughput
-from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
+
+from src.models.base_module import batch_size_of
 
 NAMES = ("train/steps_per_sec", "train/samples_per_sec", "train/tokens_per_sec")
 SUMMARY_NAMES = ("summary/steps_per_sec", "summary/samples_per_sec", "summary/tokens_per_sec")
@@ -34,8 +36,6 @@ class TrainingThroughput(Callback):
         if window_size < 2:
             raise ValueError(f"throughput window_size must be >= 2 batches, got {window_size}")
         self.window_size = int(window_size)
-        self._hook: RemovableHandle | None = None
-        self._batch_tokens = 0
         self._throughput: Throughput | None = None
         self._since: float | None = None
         self._reset_totals()
@@ -56,19 +56,6 @@ class TrainingThroughput(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":  # Lightning loads a resumed checkpoint's counts after this
             self._reset_totals()
-        quantizer = getattr(pl_module, "quantizer", None)
-        if isinstance(quantizer, nn.Module) and self._hook is None:
-            self._hook = quantizer.register_forward_pre_hook(self._count_tokens)
-
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def _count_tokens(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        if module.training and args and isinstance(args[0], Tensor):
-            positions = args[0].shape[:-1].numel()  # (B, tokens, dim) sequences
-            self._batch_tokens += positions * int(getattr(module, "num_codebooks", 1))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._throughput = Throughput(world_size=trainer.world_size, window_size=self.window_size)
@@ -85,7 +72,6 @@ class TrainingThroughput(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_tokens = 0
         if self._since is None:  # after a validation
             self._since = time.perf_counter()
 
@@ -97,8 +83,8 @@ class TrainingThroughput(Callback):
         self._pause(trainer)
         self._since = time.perf_counter()
         self._batches += 1
-        self._samples += _batch_size(batch)
-        self._tokens += max(self._batch_tokens, 0)
+        self._samples += batch_size_of(batch)
+        self._tokens += _tokens(pl_module, batch)
         self._throughput.update(
             time=self._elapsed,
             batches=self._batches,
@@ -152,9 +138,8 @@ class TrainingThroughput(Callback):
         return summary
 
 
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-        return int(batch[0].shape[0])
-    return 1
+def _tokens(pl_module: LightningModule, batch: Any) -> int:
+    """The model's token count of a training batch; 0 when it does not count tokens."""
+    tokens_in_batch = getattr(pl_module, "tokens_in_batch", None)
+    count = tokens_in_batch(batch) if callable(tokens_in_batch) else None
+    return max(int(count), 0) if count is not None else 0

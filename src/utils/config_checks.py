@@ -2,17 +2,72 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from src.quantizers import quantizer_class
+from src.utils.monitor import monitor_of
+
+
+def model_takes_quantizer(config: DictConfig) -> bool:
+    """Whether the configured model class has a `quantizer` argument (the tokenizers do; a prior
+    on their codes does not), read from its `_target_` without building it."""
+    model = config.get("model") or {}
+    target = model.get("_target_")
+    if not target:
+        return "quantizer" in model
+    try:
+        parameters = inspect.signature(get_class(target)).parameters
+    except (ImportError, ValueError, TypeError) as error:
+        raise ValueError(f"model._target_={target!r} does not name a class: {error}") from None
+    return "quantizer" in parameters
 
 
 def check_quantizer_config(config: DictConfig) -> None:
-    """The model's quantizer must name a registered quantizer (raises UnknownQuantizerError)."""
+    """A model that takes a quantizer must name a registered one (raises
+    UnknownQuantizerError); models without a quantizer are not checked."""
+    if not model_takes_quantizer(config):
+        return
     quantizer = config.get("model", {}).get("quantizer")
     if quantizer is None:
         raise ValueError("config has no model.quantizer; pick one with `quantizer=<name>`")
     quantizer_class(quantizer.get("name"))
+
+
+def check_monitor(config: Mapping[str, Any], model: object) -> None:
+    """The monitored metric must be one the model logs at validation (when the model says what
+    it logs, `epoch_metric_names`), so a checkpoint is never chosen by a metric nobody writes;
+    optimized_metric is checked the same way. Metrics outside val/ and test/ (e.g. written by a
+    callback) are not checked."""
+    monitor = monitor_of(config)
+    if monitor is None:
+        return
+    names_of = getattr(model, "epoch_metric_names", None)
+    if not callable(names_of):
+        return
+    logged = {stage: set(names_of(stage)) for stage in ("val", "test")}
+    if monitor.metric.startswith("test/"):
+        raise ValueError(
+            f"monitor.metric={monitor.metric} is a test metric, but the best checkpoint is chosen "
+            "during training: monitor a validation metric (val/...)"
+        )
+    wanted = {"monitor.metric": (monitor.metric, logged["val"])}
+    if config.get("optimized_metric"):
+        optimized = str(config["optimized_metric"])
+        wanted["optimized_metric"] = (optimized, logged["val"] | logged["test"])
+    for key, (name, names) in wanted.items():
+        if name.startswith(("val/", "test/")) and name not in names:
+            shown = ", ".join(sorted(logged["val"]))
+            raise ValueError(
+                f"{key}={name} is not logged by {type(model).__name__}; its validation metrics "
+                f"are: {shown}. The model config sets `monitor` for its kind of model "
+                "(configs/model/*.yaml); pick one of these, e.g. monitor.metric=<name> "
+                "monitor.mode=<max|min>."
+            )
 
 
 def model_overrides(config: DictConfig, datamodule: object) -> dict[str, object]:

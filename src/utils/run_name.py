@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from src.utils.launch_rank import is_launch_rank_zero, rank_zero_log_file
+from src.utils.monitor import optuna_direction
 
 _ALLOWED = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -86,6 +87,7 @@ def register_resolvers() -> None:
         "run_id": run_id,
         "attempt_subdir": attempt_subdir,
         "rank_zero_log_file": rank_zero_log_file,
+        "optuna_direction": optuna_direction,  # hparams_search: direction from monitor.mode
     }
     for name, resolver in resolvers.items():
         if not OmegaConf.has_resolver(name):
