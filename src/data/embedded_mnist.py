@@ -71,7 +71,6 @@ class EmbeddedMNISTDataModule(SplitImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
-        self.save_hyperparameters()
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.num_channels = 1

@@ -78,7 +78,6 @@ class EmbeddedPhotosDataModule(SplitImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
-        self.save_hyperparameters()
         if patch_size < 1 or patches_per_image < 1:
             raise ValueError("patch_size and patches_per_image must be >= 1")
         self.patch_size = int(patch_size)

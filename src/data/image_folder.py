@@ -88,7 +88,6 @@ class ImageFolderDataModule(SplitImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
-        self.save_hyperparameters()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if image_size < 1:

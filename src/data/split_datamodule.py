@@ -66,6 +66,12 @@ class SplitImageDataModule(LightningDataModule):
     its batch order exactly while other code drawing from the global RNG cannot change it. Its
     sampler (:attr:`train_sampler`, built once) saves and restores its position, so a resumed
     run continues the same batch order (``src.callbacks.ResumeState``).
+
+    Datamodules save no hyperparameters: the run's composed config (logged by train.py and
+    stored in every checkpoint) is the record. Lightning merges a datamodule's hyperparameters
+    with the model's for the loggers and refuses keys that differ (``channels`` of an image
+    folder against the model's widths), and Hydra's list values in them would not load with
+    ``weights_only=True``.
     """
 
     num_channels: int

@@ -47,7 +47,6 @@ class TorchvisionImageDataModule(SplitImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size, num_workers, pin_memory, seed)
-        self.save_hyperparameters()
         if name not in TORCHVISION_IMAGE_DATASETS:
             raise ValueError(
                 f"unknown torchvision dataset {name!r}; supported: "
