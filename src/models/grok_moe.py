@@ -6,9 +6,9 @@ over all experts, top-k, kept weights renormalised to sum to 1. Each expert is
 
 Dispatch without a per-expert scan of every token: the (token, slot) assignments are sorted
 by expert, the tokens gathered into one expert-contiguous matrix, each projection is one
-grouped matmul over the expert segments (`torch._grouped_mm`; a loop over the E contiguous
-segments where that does not run, e.g. float64), and the weighted rows are added back to
-their tokens with `index_add_`. No capacity limit: every token reaches its k experts.
+grouped matmul over the expert segments (grok_grouped.py: `torch._grouped_mm`, or a loop
+over the E contiguous segments where that does not run, e.g. float64), and the weighted rows
+are added back to their tokens with `index_add_`. No capacity limit: every token reaches its k experts.
 The router gets gradients through the kept (renormalised) top-k weights and, in training,
 through the load-balancing loss.
 """
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.models.grok_config import GrokConfig
+from src.models.grok_grouped import grouped_linear
 from src.models.grok_ops import soft_cap
 
 
@@ -39,37 +40,6 @@ class Routing(NamedTuple):
     experts: Tensor  # (N, k) expert indices
     probs: Tensor  # (N, E) softmax over all experts
     logits: Tensor  # (N, E) capped router logits
-
-
-def _grouped_mm_runs(x: Tensor) -> bool:
-    """Where torch._grouped_mm runs in torch 2.11: CPU in float32/bf16/fp16 (not float64),
-    CUDA in bf16 on compute capability >= 9.0."""
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
-    return False
-
-
-def grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, backend: str) -> Tensor:
-    """Rows of x (M, in) sorted by expert, `counts[e]` rows for expert e, times weight[e]^T
-    (weight: (E, out, in)) for each segment -> (M, out)."""
-    use_grouped = backend == "grouped_mm" or (backend == "auto" and _grouped_mm_runs(x))
-    if use_grouped:
-        if not _grouped_mm_runs(x):
-            raise RuntimeError(
-                f"moe_backend='grouped_mm' does not run for {x.dtype} on {x.device.type}; "
-                "use moe_backend='auto' or 'loop'"
-            )
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets)
-    outs, start = [], 0
-    for e, n in enumerate(counts.tolist()):
-        outs.append(x[start : start + n] @ weight[e].t())
-        start += n
-    return torch.cat(outs)
 
 
 class GrokMoE(nn.Module):
