@@ -8,8 +8,8 @@ Dispatch without a per-expert scan of every token: the (token, slot) assignments
 by expert, the tokens gathered into one expert-contiguous matrix, each projection is one
 grouped matmul over the expert segments (grok_grouped.py: `torch._grouped_mm`, or a loop
 over the E contiguous segments where that does not run, e.g. float64), and the weighted rows
-are added back to their tokens with `index_add_`. No capacity limit: every token reaches its k experts.
-The router gets gradients through the kept (renormalised) top-k weights and, in training,
+are added back to their tokens with `index_add_`. No capacity limit: every token reaches its
+k experts. The router gets gradients through the kept (renormalised) top-k weights and, in training,
 through the load-balancing loss.
 """
 
