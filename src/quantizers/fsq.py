@@ -23,7 +23,8 @@ _FLOAT_EXACT = 2**24  # float32 holds every integer up to this exactly
 
 
 class FSQOutput(NamedTuple):
-    """`quantized` has the input's layout and dtype; `indices` is int64 or None."""
+    """`quantized` has the input's layout and dtype; `indices` is int64 or None, -1 where
+    the token (its codebook's channels) is not finite."""
 
     quantized: Tensor
     indices: Tensor | None
@@ -157,9 +158,11 @@ class FSQ(nn.Module, QuantizerContract):
         if self.codebook_size <= _FLOAT_EXACT and rounded.dtype == torch.float32:
             # mixed radix as one small matmul: exact, every partial sum is an integer < 2^24
             flat = torch.mv(rounded.reshape(-1, self.codebook_dim), self._basis_float)
-            return codes, flat.add_(self._index_offset).long().view(rounded.shape[:-1])
-        digits = (rounded + half_width).long()
-        return codes, (digits * self._basis).sum(dim=-1)
+            indices = flat.add_(self._index_offset).long().view(rounded.shape[:-1])
+        else:
+            indices = ((rounded + half_width).long() * self._basis).sum(dim=-1)
+        # a non-finite token (NaN, inf) has no code: -1, not the cast of NaN (INT64_MIN)
+        return codes, indices.masked_fill_(~torch.isfinite(z).all(dim=-1), -1)
 
     def _rounding_noise(self, z: Tensor) -> Tensor | None:
         """In training, uniform noise of one level's width in place of the rounding of a

@@ -35,7 +35,8 @@ MAX_MATERIALISED_BITS = 20  # `codebook` (all codes) is refused beyond 2^20 code
 
 
 class LFQOutput(NamedTuple):
-    """The reference's tuple order; `loss` aliases `entropy_aux_loss` for the framework."""
+    """The reference's tuple order; `loss` aliases `entropy_aux_loss` for the framework;
+    `indices` is -1 where the token (its codebook's channels) is not finite."""
 
     quantized: Tensor
     indices: Tensor
@@ -286,6 +287,8 @@ class LFQ(Distributable, QuantizerContract):
             positive = x > 0
             codes = self._codes_from_signs(positive, x.dtype)
             indices = (positive.long() * self._bit_weights).sum(dim=-1)
+            # a non-finite token (NaN, inf) has no code: -1, not the code of its signs
+            indices = indices.masked_fill_(~torch.isfinite(x).all(dim=-1), -1)
             if self.training:
                 active = self.activation(x)
                 out = codes + (active - active.detach())  # exactly `codes`, identity gradient

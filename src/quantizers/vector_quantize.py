@@ -29,14 +29,14 @@ from src.quantizers.kernels import (
     unit_rows,
     unit_rows_and_scale,
 )
-from src.quantizers.kernels.codebook_ops import refill_candidates
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vq_state import CodebookState
 
 
 class VQOutput(NamedTuple):
     """`quantized` has the input's layout; `indices` is int64, shaped like the token positions
-    plus a trailing heads axis when heads > 1 (-1 where masked); `loss` is (1,)."""
+    plus a trailing heads axis when heads > 1 (-1 where masked or the token is not finite);
+    `loss` is (1,)."""
 
     quantized: Tensor
     indices: Tensor
@@ -316,6 +316,8 @@ class VectorQuantize(CodebookState, QuantizerContract):
             self._update_or_pool(latents.detach(), flat_idx, valid)
 
         local_idx = flat_idx - self._head_offsets(flat_idx.device)
+        # a non-finite token has no code: -1, and no part in the codebook update
+        local_idx = local_idx.masked_fill(~torch.isfinite(latents).all(dim=-1), -1)
         if valid is not None:
             out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
             local_idx = local_idx.masked_fill(~valid.unsqueeze(-1), -1)
@@ -373,10 +375,9 @@ class VectorQuantize(CodebookState, QuantizerContract):
         pools = self._pools(latents, valid)
         if self.communicator.world_size > 1:
             pools = all_gather_varying(pools, self.communicator, dim=1)
-        samples = list(pools)
-        usable = refill_candidates(pools, self.use_cosine_sim)
-        if usable is not None:  # (near-)zero latents have no direction to seed a unit code
-            samples = [book[rows] for book, rows in zip(samples, usable, strict=True)]
+        # non-finite latents, and with cosine similarity (near-)zero ones, seed no code
+        usable = self._seed_rows(pools)
+        samples = [book[rows] for book, rows in zip(pools, usable, strict=True)]
         if any(book.shape[0] == 0 for book in samples):
             return  # nothing to learn from yet (no valid, or no usable, token): try next batch
         centres, counts = [], []

@@ -7,6 +7,7 @@ they gain a leading C axis. Everything learned outside gradients passes through
 dead-code revival draw from the union of the ranks' vectors, as one process would on the whole
 batch. On a single process nothing here syncs with the host in the unmasked training step (so
 `torch.compile` sees no graph break there); with several ranks the union's size is read.
+Non-finite tokens (NaN, inf) are left out of every update by masking, never by filtering.
 """
 
 from __future__ import annotations
@@ -168,11 +169,13 @@ class CodebookState(Distributable):
         codebook at every residual depth); see `_expire_dead_codes`.
         """
         num_codes, d = self.num_books * self.codebook_size, self.codebook_dim
-        weights = None
-        if valid is not None:
-            weights = valid.unsqueeze(-1).expand(flat_idx.shape).reshape(-1).float()
+        # non-finite tokens (a NaN or inf anywhere in the batch) take no part: weight 0, and
+        # zeroed, as 0 * NaN is NaN; a mask rather than a filter, so the host never waits
+        finite = torch.isfinite(latents).all(dim=-1)  # (N, heads)
+        keep = finite if valid is None else finite & valid.unsqueeze(-1)
+        clean = torch.where(finite.unsqueeze(-1), latents, 0.0)
         counts, sums = cluster_statistics(
-            latents.reshape(-1, d), flat_idx.reshape(-1), num_codes, weights
+            clean.reshape(-1, d), flat_idx.reshape(-1), num_codes, keep.reshape(-1).float()
         )
         comm = self.communicator
         if self.ema_update:  # one collective for both statistics
@@ -217,6 +220,7 @@ class CodebookState(Distributable):
         holding the whole batch would draw them (see `_union_replacements`).
         """
         pools = self._pools(latents, valid)
+        # cosine: a non-finite row has a NaN norm, so refill_candidates never admits it
         usable = refill_candidates(pools, self.use_cosine_sim)
         threshold = self.threshold_ema_dead_code
         size = self.books_size()
@@ -231,6 +235,9 @@ class CodebookState(Distributable):
             take, vectors = dead_code_replacements(size, threshold, pools, usable)
         if self.use_cosine_sim:  # usable rows are unit up to rounding; make them exactly so
             vectors = l2_normalize(vectors)
+        # a code that drew a non-finite token keeps its vector and stays dead: it draws again
+        # next step (a mask, not a filter of the pool: no host sync, no extra collective)
+        take = take & torch.isfinite(vectors).all(dim=-1)
         embed = self.books_embed()
         embed.data.copy_(torch.where(take.unsqueeze(-1), vectors.to(embed.dtype), embed.data))
         avg = self.books_avg()
@@ -283,6 +290,13 @@ class CodebookState(Distributable):
 
     def _pools(self, latents: Tensor, valid: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+    def _seed_rows(self, pools: Tensor) -> Tensor:
+        """(C, M) flags of the rows of (C, M, d) pools that may seed a code by k-means: finite
+        and, with cosine similarity, not (near-)zero (`refill_candidates`)."""
+        finite = torch.isfinite(pools).all(dim=-1)
+        usable = refill_candidates(pools, self.use_cosine_sim)
+        return finite if usable is None else usable & finite
 
     def _orthogonal_loss(self, flat_idx: Tensor, valid: Tensor | None, frozen: bool) -> Tensor:
         """Mean over codebooks of the orthogonal regulariser, on all codes or on the codes
