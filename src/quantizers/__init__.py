@@ -13,6 +13,7 @@ from src.quantizers.contract import (
     index_slots,
     slots_to_indices,
 )
+from src.quantizers.external import ExternalOutput, ExternalQuantizer
 from src.quantizers.fsq import FSQ, FSQOutput
 from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
 from src.quantizers.lfq import BSQ, LFQ, LFQOutput
@@ -44,6 +45,8 @@ __all__ = [
     "LFQ",
     "MASKED",
     "Communicator",
+    "ExternalOutput",
+    "ExternalQuantizer",
     "FSQOutput",
     "GroupedResidualFSQ",
     "GroupedResidualLFQ",

@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 def config_kwargs(name: str) -> dict[str, Any]:
     """configs/quantizer/<name>.yaml without its `name` key."""
     kwargs = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    kwargs.pop("defaults", None)  # Hydra's composition list (external.yaml), not a keyword
     assert kwargs.pop("name") == name
     return kwargs
 
