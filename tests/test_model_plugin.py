@@ -13,11 +13,12 @@ import hydra
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from eval import evaluate
 from scripts import compare
 from src.quantizers import UnknownQuantizerError
-from src.utils.config_checks import check_quantizer_config
+from src.utils.config_checks import check_quantizer_config, model_overrides
 from tests.conftest import compose_config
 from tests.helpers import read_metrics_csv, run_script
 from tests.plugin_model import SEARCH_PATH
@@ -163,3 +164,13 @@ def test_optuna_minimises_the_toy_models_metric(tmp_path: Path) -> None:
     assert final[0] != final[1]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(min(final), rel=1e-6)  # minimised, not maximised
+
+
+def test_datamodule_fills_the_model_keywords_left_null() -> None:
+    class CodesData:
+        def model_keywords(self) -> dict[str, object]:
+            return {"grid": [7, 7], "lr": 5.0, "not_a_keyword": 1}
+
+    cfg = OmegaConf.create({"model": {"grid": None, "lr": 0.1}})
+    # only keys the model config has, and only where it left them null
+    assert model_overrides(cfg, CodesData()) == {"grid": [7, 7]}

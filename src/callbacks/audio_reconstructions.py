@@ -17,6 +17,9 @@ class AudioReconstructions(Callback):
     first `num_clips` validation items; also logged to TensorBoard and W&B when present, as
     `val/audio/clip_NN_{input,recon}`."""
 
+    # how train.py's closing table names the newest file (src/utils/run_files.py)
+    media_name = "reconstructions"
+
     def __init__(self, dirpath: str, num_clips: int = 4) -> None:
         self.dirpath = Path(dirpath)
         self.num_clips = num_clips

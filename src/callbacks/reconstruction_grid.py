@@ -17,6 +17,9 @@ class ReconstructionGrid(Callback):
     """Writes `<dirpath>/epoch=EEE-step=SSSSSS.png`: rows alternate inputs and reconstructions;
     loggers that show images get it as `val/reconstructions`."""
 
+    # how train.py's closing table names the newest file (src/utils/run_files.py)
+    media_name = "reconstructions"
+
     def __init__(self, dirpath: str, num_images: int = 32, images_per_row: int = 8) -> None:
         self.dirpath = Path(dirpath)
         self.num_images = num_images

@@ -71,9 +71,15 @@ def check_monitor(config: Mapping[str, Any], model: object) -> None:
 
 
 def model_overrides(config: DictConfig, datamodule: object) -> dict[str, object]:
-    """Model keywords left null in config that the datamodule knows (image channels, audio
-    sample rate)."""
+    """Model keywords left null in config that the datamodule knows: image channels, audio
+    sample rate, and for any kind of model whatever `datamodule.model_keywords()` returns (e.g.
+    a codes datamodule's codebook sizes and grid for a prior)."""
     overrides: dict[str, object] = {}
+    model_keywords = getattr(datamodule, "model_keywords", None)
+    if callable(model_keywords):
+        for key, value in dict(model_keywords()).items():
+            if key in config.model and config.model[key] is None:
+                overrides[key] = value
     if "in_channels" in config.model and config.model.in_channels is None:
         overrides["in_channels"] = datamodule.num_channels
     if "sample_rate" in config.model and config.model.sample_rate is None:

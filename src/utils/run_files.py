@@ -8,11 +8,10 @@ from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from src.callbacks import AudioReconstructions, ReconstructionGrid
-
 
 def run_files(trainer: Trainer) -> dict[str, Path | None]:
-    """Best and last checkpoint, metrics CSV and the latest reconstruction grid (None if absent)."""
+    """Best and last checkpoint, metrics CSV and the newest file of each media callback that
+    names one (`media_name`: reconstruction grids, WAVs, a prior's samples); None if absent."""
     files: dict[str, Path | None] = {}
     checkpoint = trainer.checkpoint_callback
     if isinstance(checkpoint, ModelCheckpoint):
@@ -25,17 +24,18 @@ def run_files(trainer: Trainer) -> dict[str, Path | None]:
     for logger in trainer.loggers:
         if isinstance(logger, CSVLogger):
             files["metrics csv"] = Path(logger.log_dir) / "metrics.csv"
-    for callback in trainer.callbacks:
-        is_media = isinstance(callback, (ReconstructionGrid, AudioReconstructions))
-        if is_media and callback.last_path is not None:
-            files["reconstructions"] = callback.last_path
+    for callback in trainer.callbacks:  # media callbacks name what they write (`media_name`)
+        name = getattr(callback, "media_name", None)
+        if name and getattr(callback, "last_path", None) is not None:
+            files[name] = Path(callback.last_path)
     return files
 
 
 def final_metrics(
-    trainer: Trainer, prefixes: tuple[str, ...] = ("val/", "test/")
+    trainer: Trainer, prefixes: tuple[str, ...] = ("val/", "test/", "sample/")
 ) -> dict[str, float]:
-    """Epoch-level validation and test metrics the trainer holds at the end of the run."""
+    """Epoch-level validation, test (and sampling: a prior's `sample/...`) metrics the trainer
+    holds at the end of the run."""
     return {
         name: float(value)
         for name, value in trainer.callback_metrics.items()
