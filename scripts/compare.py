@@ -19,19 +19,24 @@ its first validation: only train.log and .hydra) gets no row and is listed with 
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
 import sys
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
+ROOT = Path(__file__).resolve().parents[1]
+# scripts/tokenize.py shares its name with the standard library's `tokenize` (which linecache,
+# inspect and rich import): keep scripts/ off the import path so they find the real one
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
 
-from src.utils.compare_plot import save_comparison_plot
-from src.utils.run_table import Comparison, Run, compare, find_run_dirs
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from src.utils.compare_plot import save_comparison_plot  # noqa: E402
+from src.utils.run_table import Comparison, Run, compare, find_run_dirs  # noqa: E402
 
 NUMBER_FORMATS = {"utilization": "{:.4f}", "dead_codes": "{:.0f}", "tokens_per_sec": "{:.0f}"}
 
