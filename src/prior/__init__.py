@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from src.prior.bigram import ClassBigram
 from src.prior.code_factors import CodeFactors, check_codes
 from src.prior.layouts import CodeLayout, FlattenLayout
 from src.prior.stream_layouts import DelayLayout, FactorizedLayout, StreamLayout
 
 __all__ = [
     "LAYOUTS",
+    "ClassBigram",
     "CodeFactors",
     "CodeLayout",
     "DelayLayout",

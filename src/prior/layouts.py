@@ -69,6 +69,8 @@ class CodeLayout(ABC):
         self.num_classes = int(num_classes)
         self.factors = CodeFactors(codebook_sizes, max_factor_bits)
         self.codebook_sizes = self.factors.codebook_sizes
+        # built on first use per (vocabulary width | None, device): samplers ask every step
+        self._tables: dict[tuple[str, int | None, str], Tensor | tuple[Tensor, Tensor]] = {}
 
     # ----------------------------------------------------------------- sizes and tokens
     @property
@@ -224,7 +226,10 @@ class CodeLayout(ABC):
     def constrain_logits(self, logits: Tensor, step: int) -> Tensor:
         """``logits`` ``(..., V)`` / ``(..., S, V)`` for the token at ``step`` with every id
         outside :meth:`allowed_slices` set to ``-inf`` (a sampler's logits hook)."""
-        mask = self.allowed_mask(step, logits.shape[-1]).to(logits.device)
+        key = ("masks", logits.shape[-1], str(logits.device))
+        if key not in self._tables:
+            self._tables[key] = self.allowed_masks(logits.shape[-1]).to(logits.device)
+        mask = self._tables[key][step]  # type: ignore[index]
         return logits.masked_fill(~mask, float("-inf"))
 
     def target_mask(self) -> Tensor:
@@ -255,10 +260,13 @@ class CodeLayout(ABC):
 
     def _bounds(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``(L, S)`` lower and upper allowed ids of every step and stream."""
-        slices = [self.allowed_slices(t) for t in range(self.seq_len)]
-        low = torch.tensor([[s.start for s in row] for row in slices], device=device)
-        high = torch.tensor([[s.stop for s in row] for row in slices], device=device)
-        return low, high
+        key = ("bounds", None, str(device))
+        if key not in self._tables:
+            slices = [self.allowed_slices(t) for t in range(self.seq_len)]
+            low = torch.tensor([[s.start for s in row] for row in slices], device=device)
+            high = torch.tensor([[s.stop for s in row] for row in slices], device=device)
+            self._tables[key] = (low, high)
+        return self._tables[key]  # type: ignore[return-value]
 
     def _width(self, vocab_size: int | None) -> int:
         if vocab_size is None:

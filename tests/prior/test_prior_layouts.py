@@ -152,6 +152,9 @@ def test_constrain_logits_masks_outside_the_slot() -> None:
     assert finite[:, 4:7].all() and finite.sum() == 5 * 3
     with pytest.raises(ValueError, match="smaller than"):
         layout.constrain_logits(torch.zeros(5, 8), step=1)
+    for step in range(layout.seq_len):  # the cached table agrees with each step's mask
+        kept = torch.isfinite(layout.constrain_logits(torch.zeros(2, 16), step))
+        assert torch.equal(kept, layout.allowed_mask(step, 16).expand(2, -1))
     delay = DelayLayout([4, 3], (2,), num_classes=2)
     masked = delay.constrain_logits(torch.zeros(5, 2, delay.vocab_size), step=1)
     # step 1: stream 0 holds position 0's code, stream 1 is still padding
