@@ -11,7 +11,9 @@ that the step allows:
 
 ``n`` counts training transitions, ``n_k(x)`` counts code ``x`` in sequences of class ``k``,
 ``N_k,slot`` all codes of that slot there. With ``beta -> 0`` seen transitions get their
-maximum-likelihood frequency; unseen ones fall back on how common the code is in the class.
+maximum-likelihood frequency; with ``beta -> inf`` the model is the class's unigram.
+:func:`select_beta` picks ``beta`` by k-fold cross-validation on the training sequences alone,
+so the yardstick is as strong as a bigram gets without looking at the validation data.
 Counts are sparse (sorted keys), so large vocabularies cost memory only for what was seen.
 """
 
@@ -22,7 +24,10 @@ from torch import Tensor
 
 from src.prior.layouts import FlattenLayout
 
-__all__ = ["ClassBigram"]
+__all__ = ["DEFAULT_BETAS", "ClassBigram", "select_beta"]
+
+#: the smoothing strengths :func:`select_beta` tries by default (log-spaced)
+DEFAULT_BETAS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 
 
 def _lookup(keys: Tensor, values: Tensor, query: Tensor) -> Tensor:
@@ -148,3 +153,29 @@ class ClassBigram:
             fallback = lo + torch.multinomial(weights, 1, generator=generator).squeeze(1)
             tokens[:, step] = torch.where(from_pairs, seen, fallback)
         return tokens
+
+
+def select_beta(
+    layout: FlattenLayout,
+    tokens: Tensor,
+    betas: tuple[float, ...] = DEFAULT_BETAS,
+    folds: int = 5,
+    seed: int = 0,
+) -> float:
+    """The ``beta`` of ``betas`` with the lowest ``folds``-fold cross-validated NLL on the
+    training sequences ``tokens`` (a seeded random partition; ties go to the first)."""
+    if folds < 2 or tokens.shape[0] < folds:
+        raise ValueError(
+            f"need folds >= 2 and at least `folds` sequences, got {folds} folds "
+            f"for {tokens.shape[0]} sequences"
+        )
+    order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
+    totals = torch.zeros(len(betas), dtype=torch.float64)
+    for held in order.chunk(folds):
+        rest = torch.ones(tokens.shape[0], dtype=torch.bool)
+        rest[held] = False
+        model = ClassBigram.fit(layout, tokens[rest])  # counts do not depend on beta
+        for i, beta in enumerate(betas):
+            model.beta = float(beta)
+            totals[i] -= model.log_prob(tokens[held]).sum()
+    return float(betas[int(totals.argmin())])

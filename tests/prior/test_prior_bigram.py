@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.prior import DelayLayout, FlattenLayout
-from src.prior.bigram import ClassBigram
+from src.prior.bigram import ClassBigram, select_beta
 
 
 def _toy_corpus(layout: FlattenLayout, n: int, seed: int) -> torch.Tensor:
@@ -151,3 +151,24 @@ def test_errors() -> None:
         model.sample(None)
     with pytest.raises(ValueError, match="pass labels"):
         model.sample(None, 4)
+
+
+def test_select_beta_minimises_the_cross_validated_nll() -> None:
+    layout = FlattenLayout([6, 4], (3,), num_classes=3)
+    tokens = _toy_corpus(layout, 45, seed=7)
+    betas = (0.05, 0.5, 5.0, 50.0)
+    chosen = select_beta(layout, tokens, betas, folds=3, seed=1)
+    # brute force: the same seeded partition, one fit per fold and beta
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(1))
+    scores = []
+    for beta in betas:
+        total = 0.0
+        for held in order.chunk(3):
+            keep = sorted(set(range(45)) - set(held.tolist()))
+            model = ClassBigram.fit(layout, tokens[keep], beta)
+            total += model.nll(tokens[held]) * len(held) * (layout.seq_len - 1)
+        scores.append(total)
+    assert chosen == betas[scores.index(min(scores))]
+    assert len(set(scores)) == len(scores)  # the choice is not a tie
+    with pytest.raises(ValueError, match="folds"):
+        select_beta(layout, tokens[:2], betas, folds=3)
