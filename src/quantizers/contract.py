@@ -14,8 +14,10 @@ never on `getattr` guesses:
   image-map layouts when built for maps) and returns what `forward` returned as `quantized`
   in eval mode (after any project_out, in the input layout), bit for bit. It rejects any index
   outside `[0, codebook_size)` with a ValueError naming the value, the valid range and the
-  quantizer; only quantizers that mark positions themselves (VQ masks, residual stacks'
-  dropped layers) also accept the mask value `MASKED = -1`, which decodes to zero.
+  quantizer; quantizers whose forward marks positions with `MASKED = -1` (VQ masks and
+  non-finite tokens, FSQ / LFQ / BSQ non-finite tokens, residual stacks' dropped layers) also
+  accept it, and a position holding -1 decodes to zero. LatentQuantize and SimVQ never emit
+  -1 and reject it.
   The reference's own names stay as aliases with the reference's behaviour:
   `get_output_from_indices` (VQ / residual / grouped families, SimVQ) and `indices_to_codes`
   (FSQ, LFQ/BSQ, LatentQuantize, SimVQ).

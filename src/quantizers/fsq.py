@@ -186,7 +186,9 @@ class FSQ(nn.Module, QuantizerContract):
         return (digits.float() - self._half_width) / self._half_width
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
-        """Decode indices as returned by `forward` into quantized outputs, in the input layout."""
+        """Decode indices as returned by `forward` into quantized outputs, in the input layout.
+
+        -1 (the index forward gives a non-finite token) decodes to a zero output."""
         if self.keep_num_codebooks_dim:
             if indices.shape[-1] != self.num_codebooks:
                 raise ValueError(
@@ -195,9 +197,10 @@ class FSQ(nn.Module, QuantizerContract):
                 )
         else:
             indices = indices.unsqueeze(-1)
-        check_index_range(indices, self.codebook_size, self)
-        codes = self._indices_to_level_codes(indices).flatten(-2)
+        check_index_range(indices, self.codebook_size, self, allow_masked=True)
+        codes = self._indices_to_level_codes(indices.clamp_min(0)).flatten(-2)
         codes = self.project_out(codes.to(self._project_dtype()))
+        codes = codes.masked_fill((indices < 0).any(-1, keepdim=True), 0.0)
         return codes.movedim(-1, 1) if self.channel_first else codes
 
     decode_indices = indices_to_codes  # the contract's name (src/quantizers/contract.py)

@@ -211,7 +211,8 @@ class LFQ(Distributable, QuantizerContract):
         return self._codes_from_signs(positive, torch.float32)
 
     def indices_to_codes(self, indices: Tensor, project_out: bool = True) -> Tensor:
-        """Codes of int indices as `forward` returned them, in the layout `forward` returned."""
+        """Codes of int indices as `forward` returned them, in the layout `forward` returned;
+        -1 (the index forward gives a non-finite token) decodes to zeros."""
         channel_dims = 1 if self.keep_num_codebooks_dim else 0
         is_map = indices.ndim >= 3 + channel_dims
         transpose = is_map if self.channel_first is None else self.channel_first
@@ -223,14 +224,15 @@ class LFQ(Distributable, QuantizerContract):
                 )
         else:
             indices = indices.unsqueeze(-1)
-        check_index_range(indices, self.codebook_size, self)
-        positive = (indices.long().unsqueeze(-1) & self._bit_weights) != 0
+        check_index_range(indices, self.codebook_size, self, allow_masked=True)
+        positive = (indices.long().clamp_min(0).unsqueeze(-1) & self._bit_weights) != 0
         codes = self._codes_from_signs(positive, torch.float32)
         if self.orthogonal_rotation:
             codes = codes @ self.orthogonal_rot.t()
         codes = codes.flatten(-2)
         if project_out:
             codes = self.project_out(codes)
+        codes = codes.masked_fill((indices < 0).any(-1, keepdim=True), 0.0)
         return codes.movedim(-1, 1) if transpose else codes
 
     def decode_indices(self, indices: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "quantizer"
 DIM = 16
 # quantizers whose decode accepts the mask value -1 (masked positions, dropped residual layers)
 MASKABLE = {"vq", "rvq", "rvq_shared", "grvq", "rfsq", "grfsq", "rlfq", "grlfq", "rsimvq"}
+MASKABLE |= {"fsq", "lfq", "bsq", "bsq_huge"}  # -1 marks a non-finite token
 # variants beyond the registered names' configs: heads, cosine, codebook_dim, map layouts
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "vq_heads_separate": ("vq", {"heads": 2, "separate_codebook_per_head": True}),
@@ -109,7 +110,7 @@ def test_decode_indices_equals_eval_forward(case: str) -> None:
     if name in ("lfq", "bsq", "bsq_huge"):
         assert torch.equal(quantizer.indices_to_codes(out.indices), decoded)
     # every index lies in its codebook; Q slots per position
-    assert 0 <= int(out.indices.min()) and int(out.indices.max()) < quantizer.codebook_size
+    assert int(out.indices.min()) >= 0 and int(out.indices.max()) < quantizer.codebook_size
     if not fmap:
         slots = index_slots(out.indices, index_layout(quantizer, DIM))
         assert slots.shape == (4, 64, quantizer.num_codebooks)
@@ -160,13 +161,17 @@ def test_issue16_fault5_cases() -> None:
     with pytest.raises(IndexRangeError, match=r"index 32.*\[0, 32\)"):
         heads.get_output_from_indices(torch.tensor([[[32, 0]]]))  # head 0 -> head 1's code 0
     fsq = FSQ(levels=[8, 5, 5])  # 200 codes
-    for bad in (200, -1):
+    for bad in (200, -2):
         with pytest.raises(IndexRangeError, match=rf"FSQ got index {bad}"):
             fsq.indices_to_codes(torch.tensor([[bad]]))
+    # -1 is the mask value (a non-finite token): zeros, no longer code 199
+    assert torch.equal(fsq.indices_to_codes(torch.tensor([[-1, 199]]))[0, 0], torch.zeros(3))
+    assert fsq.indices_to_codes(torch.tensor([[199]])).abs().sum() > 0
     lfq = LFQ(dim=4, codebook_size=16)
-    for bad in (16, -1):
+    for bad in (16, -2):
         with pytest.raises(IndexRangeError, match=rf"LFQ got index {bad}"):
             lfq.indices_to_codes(torch.tensor([[bad]]))
+    assert torch.equal(lfq.indices_to_codes(torch.tensor([[-1]])), torch.zeros(1, 1, 4))
     vq = VectorQuantize(dim=8, codebook_size=32)
     with pytest.raises(IndexRangeError, match="index -2"):
         vq.get_output_from_indices(torch.tensor([[-2]]))
@@ -187,7 +192,7 @@ def test_index_only_quantizer_contract() -> None:
     assert report.decodes is False and report.codebook_sizes == (256,) * 4
     indices = quantizer(sample(False))
     assert indices.shape == (4, 64, 4) and indices.dtype == torch.int64
-    assert 0 <= int(indices.min()) and int(indices.max()) < 256
+    assert int(indices.min()) >= 0 and int(indices.max()) < 256
     assert aux_loss(indices).item() == 0.0
     assert index_layout(quantizer, DIM) == (0, True)
     with pytest.raises(TypeError, match="indices only"):
@@ -208,5 +213,5 @@ def test_aux_loss_reads_every_loss_field() -> None:
 
 
 def test_check_contract_names_what_is_missing() -> None:
-    with pytest.raises(TypeError, match="codebook_size.*decode_indices"):
+    with pytest.raises(TypeError, match=r"codebook_size.*decode_indices"):
         check_contract(torch.nn.Linear(2, 2))
