@@ -75,9 +75,7 @@ class GrokLM(nn.Module):
             for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj):
                 nn.init.normal_(proj.weight, std=std)
             nn.init.normal_(layer.attn.o_proj.weight, std=out_std)
-            nn.init.normal_(layer.moe_block.gate.weight, std=std)
-            nn.init.normal_(layer.moe_block.w_in, std=std)
-            nn.init.normal_(layer.moe_block.w_out, std=out_std)
+            layer.moe_block.reset_parameters(std, out_std)
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
@@ -88,25 +86,51 @@ class GrokLM(nn.Module):
             raise ValueError(
                 f"GrokLM: input_ids must be (batch, length), got {tuple(input_ids.shape)}"
             )
+        embeds = self.embed_tokens(input_ids) * self.config.embedding_multiplier_scale
+        hidden, stats = self._decode(embeds, cache)
+        return self.logits(hidden), stats
+
+    def _decode(self, r: Tensor, cache: GrokKVCache | None) -> tuple[Tensor, list]:
+        """Decoder layers and final norm over scaled input embeddings r (B, T, hidden)."""
         offset = 0 if cache is None else cache.length
-        end = offset + input_ids.shape[1]
+        end = offset + r.shape[1]
         if end > self.config.max_position_embeddings:
             raise ValueError(
                 f"GrokLM: position {end} exceeds max_position_embeddings "
                 f"{self.config.max_position_embeddings}"
             )
-        r = self.embed_tokens(input_ids) * self.config.embedding_multiplier_scale
-        positions = torch.arange(offset, end, device=input_ids.device)
+        positions = torch.arange(offset, end, device=r.device)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, r.dtype)
         stats = []
         for i, layer in enumerate(self.layers):
             r, layer_stats = layer(r, cos, sin, cache, i)
             stats.append(layer_stats)
         if cache is not None:
-            cache.advance(input_ids.shape[1])
+            cache.advance(r.shape[1])
+        return self.norm(r), stats
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final normed hidden states (..., hidden) -> logits (..., vocab_size): the (tied) head
+        and the output multiplier."""
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.norm(r), head) * self.config.output_multiplier_scale
-        return logits, stats
+        return F.linear(hidden, head) * self.config.output_multiplier_scale
+
+    def forward_embeds(
+        self, embeds: Tensor, cache: GrokKVCache | None = None, return_aux: bool = False
+    ) -> Tensor | GrokOutput:
+        """The decoder stack on input embeddings instead of ids (models that build their own
+        inputs, e.g. summed embeddings of parallel code streams): embeds (B, T, hidden), already
+        scaled as the caller wants (`forward` scales by embedding_multiplier_scale) -> final
+        normed hidden states (B, T, hidden), to be turned into logits by `logits` or the
+        caller's own heads. With a cache, the T positions follow cache.length and are appended
+        to it. With return_aux, a GrokOutput whose first field holds these hidden states."""
+        if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"GrokLM: embeds must be (batch, length, hidden_size={self.config.hidden_size}), "
+                f"got {tuple(embeds.shape)}"
+            )
+        hidden, stats = self._decode(embeds, cache)
+        return self._with_aux(hidden, stats) if return_aux else hidden
 
     def forward(self, input_ids: Tensor, return_aux: bool = False) -> Tensor | GrokOutput:
         """input_ids (B, T) -> logits (B, T, vocab); with return_aux, a GrokOutput."""

@@ -59,6 +59,13 @@ class GrokMoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.w_in = nn.Parameter(torch.empty(e, 2 * f, h))
         self.w_out = nn.Parameter(torch.empty(e, h, f))
+        self.reset_parameters(cfg.initializer_range)
+
+    def reset_parameters(self, std: float, out_std: float | None = None) -> None:
+        """Router and expert inputs N(0, std); expert outputs N(0, out_std or std)."""
+        nn.init.normal_(self.gate.weight, std=std)
+        nn.init.normal_(self.w_in, std=std)
+        nn.init.normal_(self.w_out, std=std if out_std is None else out_std)
 
     def route(self, x: Tensor) -> Routing:
         """Router math for x (N, hidden), in float32 (or wider) with autocast off."""
@@ -98,7 +105,8 @@ class GrokMoE(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
         xs = x[token].to(dtype)
         gate_up = grouped_linear(xs, self.w_in.to(dtype), counts, self.backend)
-        hidden = F.gelu(gate_up[:, : self.ffn]) * gate_up[:, self.ffn :]
+        gate, up = gate_up.chunk(2, dim=-1)  # split's backward is one cat; slices' zero-fill
+        hidden = F.gelu(gate) * up
         ys = grouped_linear(hidden, self.w_out.to(dtype), counts, self.backend)
         weighted = ys.to(routing.weights.dtype) * routing.weights.reshape(-1)[order, None]
         out = torch.zeros(x.shape, dtype=weighted.dtype, device=x.device)

@@ -1,0 +1,272 @@
+"""Speed and memory of the Grok prior's parts (issue 13), 2 CPU threads, float32.
+
+    python scripts/bench_prior.py                  # all four sections, markdown on stdout
+    python scripts/bench_prior.py --only moe,decode  # some of: moe, decode, attention, compile
+
+(a) moe: one MoE layer forward+backward (hidden 256, ffn 1024, 8 experts, top-2, 8192 tokens):
+    ours (sorted, grouped matmuls) vs the Hugging Face Mixtral loop (per expert, a boolean
+    mask over all tokens picks its rows), vs a loop that runs every expert on every token and
+    masks the weights, and vs a dense GELU-gated FFN of width 2 x 1024 (the same active FLOPs).
+(b) decode: tokens/s of batch-16 decoding with the KV cache vs recomputing the whole prefix,
+    4 layers, hidden 256, at contexts 512 and 2048; the cache's bytes per token.
+(c) attention: peak memory of one attention forward at T=4096 (hidden 256, 8 heads): query
+    blocks of 512 vs one block holding the full (heads, T, T) scores.
+(d) compile: forward+backward of the training forward (grok_tiny sizes, 8 x 256 tokens),
+    eager vs torch.compile (compile time reported apart).
+Times are medians over alternating steps (scripts/bench_common.py); peak memory is the rise of
+the resident-set high-water mark over one step, with glibc tuned as bench_common does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.bench_common import Case, bench_case, peak_of_one_step
+from src.models.grok import GrokConfig, GrokLM
+from src.models.grok_attention import GrokAttention
+from src.models.grok_moe import GrokMoE
+from src.models.grok_ops import rope_cos_sin
+
+HIDDEN, FFN, EXPERTS, TOP_K, TOKENS = 256, 1024, 8, 2, 8192
+
+
+def config(**overrides) -> GrokConfig:
+    fields = dict(
+        vocab_size=1024,
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        max_position_embeddings=4096,
+        **GrokConfig.multipliers_for(HIDDEN, 8),
+    )
+    return GrokConfig(**{**fields, **overrides})
+
+
+# ---- (a) MoE layer ----
+class Ours(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.moe = GrokMoE(config())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.moe(x)[0]
+
+
+class MixtralLoop(Ours):
+    """Hugging Face Mixtral style: per expert, a boolean mask over all (token, slot) pairs
+    finds its rows (torch.where), which are gathered, run and index-added back."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        moe = self.moe
+        routing = moe.route(x)
+        mask = F.one_hot(routing.experts, moe.num_experts).permute(2, 1, 0)  # (E, k, N)
+        out = torch.zeros_like(x)
+        f = moe.ffn
+        for e in range(moe.num_experts):
+            slot, token = torch.where(mask[e])
+            xe = x[token]
+            h = F.gelu(xe @ moe.w_in[e, :f].t()) * (xe @ moe.w_in[e, f:].t())
+            y = (h @ moe.w_out[e].t()) * routing.weights[token, slot, None]
+            out.index_add_(0, token, y.to(x.dtype))
+        return out
+
+
+class MaskAllTokens(Ours):
+    """Every expert on every token, its output weighted by a routing weight that is zero
+    where the token was not routed to it (E/k times the active FLOPs)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        moe = self.moe
+        routing = moe.route(x)
+        dense = torch.zeros(x.shape[0], moe.num_experts, dtype=x.dtype)
+        dense = dense.scatter(1, routing.experts, routing.weights)
+        out = torch.zeros_like(x)
+        f = moe.ffn
+        for e in range(moe.num_experts):
+            h = F.gelu(x @ moe.w_in[e, :f].t()) * (x @ moe.w_in[e, f:].t())
+            out = out + (h @ moe.w_out[e].t()) * dense[:, e, None]
+        return out
+
+
+class DenseFFN(nn.Module):
+    """GELU-gated FFN of width top_k x ffn: what the MoE computes per token, minus routing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(HIDDEN, 2 * TOP_K * FFN, bias=False)
+        self.down = nn.Linear(TOP_K * FFN, HIDDEN, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.gelu(gate) * up)
+
+
+def bench_moe() -> list[str]:
+    def make_input() -> Tensor:
+        return torch.randn(TOKENS, HIDDEN)
+
+    rows = [
+        "| MoE fwd+bwd, 8192 tokens | s/step | peak MiB | ours is faster by |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    ours = None
+    for name, build in (
+        ("HF Mixtral loop (boolean mask per expert)", MixtralLoop),
+        ("every expert on every token, masked weights", MaskAllTokens),
+        ("dense GELU-gated FFN, width 2 x 1024 (floor)", DenseFFN),
+    ):
+        case = Case(name, TOKENS, make_input, Ours, build, steps=3)
+        result = bench_case(case)
+        if ours is None:
+            ours = result["ours"]
+            name_ours = "ours (sorted, grouped matmuls)"
+            rows.append(f"| {name_ours} | {ours.seconds_per_step:.3f} | {ours.peak_mib:.0f} | - |")
+        ref = result["reference"]
+        speed = ref.seconds_per_step / result["ours"].seconds_per_step
+        rows.append(f"| {name} | {ref.seconds_per_step:.3f} | {ref.peak_mib:.0f} | {speed:.2f}x |")
+    return rows
+
+
+# ---- (b) decoding ----
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_decode() -> list[str]:
+    torch.manual_seed(0)
+    cfg = config(intermediate_size=512)
+    lm = GrokLM(cfg).eval()
+    batch, steps = 16, 8
+    rows = [
+        "| context | cached tok/s | recompute tok/s | speed-up | cache bytes/token |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for context, repeats in ((512, 2), (2048, 1)):
+        ids = torch.randint(0, cfg.vocab_size, (batch, context + steps))
+        full = median_time(lambda ids=ids, c=context: lm(ids[:, :c]), repeats)
+        cache = lm.new_cache(batch, context + steps)
+        lm.forward_with_cache(ids[:, :context], cache)
+        one = []
+        for t in range(context, context + steps):
+            start = time.perf_counter()
+            lm.forward_with_cache(ids[:, t : t + 1], cache)
+            one.append(time.perf_counter() - start)
+        cached = statistics.median(one)
+        expected = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+        assert cache.bytes_per_token() == expected
+        assert cache.nbytes() == batch * (context + steps) * expected
+        rows.append(
+            f"| {context} | {batch / cached:,.0f} | {batch / full:,.1f} | {full / cached:,.0f}x "
+            f"| {cache.bytes_per_token():,} (= 2*4*2*32*4) |"
+        )
+    return rows
+
+
+# ---- (c) attention memory ----
+@torch.no_grad()
+def bench_attention() -> list[str]:
+    t = 4096
+    rows = ["| attention forward, T=4096 | peak MiB | s |", "| --- | ---: | ---: |"]
+    peaks = {}
+    for name, chunk in (
+        ("query blocks of 512 (ours)", 512),
+        ("one block: full (8, T, T) scores", 10**9),
+    ):
+        torch.manual_seed(0)
+        attn = GrokAttention(config(num_key_value_heads=8, attn_query_chunk=chunk))
+        x = torch.randn(1, t, HIDDEN)
+        cos, sin = rope_cos_sin(torch.arange(t), attn.head_dim, 10000.0, x.dtype)
+
+        def step(attn=attn, x=x, cos=cos, sin=sin) -> float:
+            start = time.perf_counter()
+            attn(x, cos, sin)
+            return time.perf_counter() - start
+
+        seconds = step()  # warm-up, timed
+        peaks[name] = peak_of_one_step(step)
+        rows.append(f"| {name} | {peaks[name]:.0f} | {seconds:.2f} |")
+    ratio = peaks["query blocks of 512 (ours)"] / peaks["one block: full (8, T, T) scores"]
+    rows.append(f"| ratio ours / full | {ratio:.3f} | |")
+    return rows
+
+
+# ---- (d) torch.compile ----
+def bench_compile() -> list[str]:
+    torch.manual_seed(0)
+    cfg = config(hidden_size=128, num_attention_heads=4, intermediate_size=256,
+                 **GrokConfig.multipliers_for(128, 4))  # fmt: skip
+    lm = GrokLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (8, 256))
+
+    def step(model: Callable) -> Callable[[], None]:
+        def run() -> None:
+            lm.zero_grad(set_to_none=True)
+            out = model(ids, return_aux=True)
+            (F.cross_entropy(out.logits.flatten(0, 1), ids.flatten()) + out.aux_loss).backward()
+
+        return run
+
+    compiled = torch.compile(lm)
+    start = time.perf_counter()
+    step(compiled)()
+    compile_s = time.perf_counter() - start
+    eager_s = median_time(step(lm), 5)
+    fast_s = median_time(step(compiled), 5)
+    return [
+        "| training step (forward_train + backward), 8 x 256 tokens | s/step |",
+        "| --- | ---: |",
+        f"| eager | {eager_s:.3f} |",
+        f"| torch.compile (inductor) | {fast_s:.3f} |",
+        f"| speed-up | {eager_s / fast_s:.2f}x |",
+        f"| first compiled step (compilation) | {compile_s:.0f} s |",
+    ]
+
+
+SECTIONS = {
+    "moe": bench_moe,
+    "decode": bench_decode,
+    "attention": bench_attention,
+    "compile": bench_compile,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {cpu}, 2 threads, float32")
+    for name in args.only.split(","):
+        start = time.perf_counter()
+        rows = SECTIONS[name]()
+        print(f"\n### {name} ({time.perf_counter() - start:.0f} s)\n")
+        print("\n".join(rows), flush=True)
+
+
+if __name__ == "__main__":
+    main()
