@@ -196,11 +196,22 @@ def test_columns_follow_what_the_runs_logged(tmp_path: Path) -> None:
     ]
     assert [row["nll"] for row in comparison.rows] == [2.0, 1.5]
     # beside a tokenizer run, the codebook perplexity column keeps its name
-    tok = make_run(
-        tmp_path / "c",
-        ["p=3"],
-        [{**prior, "val/psnr": 20.0, "val/codebook/perplexity": 9.0}],
-    )
+    tokenizer = {"val/psnr": 20.0, "val/codebook/perplexity": 9.0, "val/recon_loss": 0.1}
+    tokenizer |= {"val/mel_distance": 1.0, "val/nonfinite_tokens": 0.0}  # not compared
+    tok = make_run(tmp_path / "c", ["p=3"], [{**prior, **tokenizer}])
+    alone = compare([Run.load(tok)])
+    assert alone.columns[2:] == [
+        "psnr",
+        "bits_per_token",
+        "nll",
+        "val/perplexity",
+        "fd",
+        "utilization",
+        "perplexity",
+        "dead_codes",
+        "bitrate_kbps",
+        "tokens_per_sec",
+    ]
     mixed = compare([Run.load(a), Run.load(tok)])
     assert "val/perplexity" in mixed.columns and "perplexity" in mixed.columns
     assert [row["perplexity"] for row in mixed.rows] == [None, 9.0]

@@ -40,9 +40,10 @@ CODEBOOK_COLUMNS = ("utilization", "perplexity", "dead_codes", "bitrate_kbps")
 LEADING_COLUMNS = QUALITY_COLUMNS
 # where the shared metrics that no known column covers are looked for (besides `<stage>/`)
 EXTRA_PREFIXES = ("sample/",)
-# known metrics kept out of the table (the tokenizer table has never shown them; the runs'
-# metrics.csv has them); names ending in "loss" are left out too
-NOT_COMPARED = frozenset({"mel_distance"})
+# known metrics kept out of the table, so the tokenizer table stays as it was (the runs'
+# metrics.csv has them): the audio mel distance and the count of non-finite latent tokens (a
+# health counter, 0 in a sound run); names ending in "loss" are left out too
+NOT_COMPARED = frozenset({"mel_distance", "nonfinite_tokens"})
 FAILED = "failed"
 
 
