@@ -143,6 +143,5 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         detached = reconstructions.detach()
         metrics["si_snr"].update(si_snr(detached.squeeze(1), waveforms.squeeze(1)))
         metrics["mel_distance"].update(self.mel_distance(detached, waveforms))
-        if quantized.indices is not None:
-            metrics["codebook"].update(quantized.indices)
+        self.update_quantizer_metrics(stage, quantized)
         return {"loss": loss, "inputs": waveforms, "reconstructions": detached}

@@ -110,6 +110,5 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
         metrics["quantizer_loss"].update(quantized.aux_loss.detach(), weight=batch)
         clamped = reconstructions.detach().float().clamp(0, 1)
         metrics["psnr"].update(clamped, images.float())
-        if quantized.indices is not None:
-            metrics["codebook"].update(quantized.indices)
+        self.update_quantizer_metrics(stage, quantized)
         return {"loss": loss, "inputs": images, "reconstructions": clamped}

@@ -17,6 +17,8 @@ class QuantizedLatents(NamedTuple):
     latents: Tensor  # (B, C, *spatial), same layout as the encoder output
     indices: Tensor | None  # (B * tokens, num_codebooks), -1 where a code was dropped or masked
     aux_loss: Tensor  # scalar sum of the quantizer's losses (0 when it has none)
+    # tokens with a NaN or inf the quantizer left out of its statistics (int64 scalar, on device)
+    nonfinite_tokens: Tensor | None = None
 
 
 def build_latent_quantizer(config: dict[str, Any], latent_dim: int) -> nn.Module:
@@ -72,4 +74,5 @@ def quantize_latent_map(quantizer: nn.Module, latents: Tensor) -> QuantizedLaten
         indices = tokens_by_codebook(raw_indices, batch, sequence.shape[1])
     loss = getattr(output, "loss", None)
     aux_loss = latents.new_zeros(()) if loss is None else loss.float().sum()
-    return QuantizedLatents(quantized, indices, aux_loss)
+    nonfinite = (~torch.isfinite(sequence.detach()).all(dim=-1)).sum()
+    return QuantizedLatents(quantized, indices, aux_loss, nonfinite)

@@ -7,11 +7,11 @@ import math
 from typing import Any
 
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, SumMetric
 
 from src.metrics import CodebookUsage
 from src.models.base_module import STAGES, VqzooModule, batch_size_of
-from src.models.quantizer_adapter import build_latent_quantizer
+from src.models.quantizer_adapter import QuantizedLatents, build_latent_quantizer
 
 USAGE_NAMES = ("utilization", "perplexity", "dead_codes")
 
@@ -37,6 +37,17 @@ class TokenizerModule(VqzooModule):
             self.metrics_for(stage)["codebook"] = CodebookUsage(
                 self.codebook_size, self.num_codebooks
             )
+            # `<stage>/nonfinite_tokens`: latent tokens with a NaN or inf in the epoch, which
+            # the quantizer kept out of its codebook statistics (index -1)
+            self.metrics_for(stage)["nonfinite_tokens"] = SumMetric()
+
+    def update_quantizer_metrics(self, stage: str, quantized: QuantizedLatents) -> None:
+        """Codebook usage and the non-finite token count of one batch (no host sync)."""
+        metrics = self.metrics_for(stage)
+        if quantized.indices is not None:
+            metrics["codebook"].update(quantized.indices)
+        if quantized.nonfinite_tokens is not None:
+            metrics["nonfinite_tokens"].update(quantized.nonfinite_tokens)
 
     def codebook_usage(self, stage: str) -> CodebookUsage:
         """The stage's codebook-usage metric (its code counts feed the code-frequency charts)."""

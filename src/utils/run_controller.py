@@ -1,6 +1,6 @@
-"""The pieces train.py adds around `Trainer.fit` for long runs: resume state, preemption,
-throughput, atomic checkpoint writes, logger roll-back, and the final-checkpoint marker that
-`eval.py watch=<dir>` stops at."""
+"""The pieces train.py adds around `Trainer.fit` for long runs: a stop on divergence, resume
+state, preemption, throughput, atomic checkpoint writes, logger roll-back, and the
+final-checkpoint marker that `eval.py watch=<dir>` stops at."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
+from src.callbacks.divergence import DivergenceStop
 from src.callbacks.preemption import Preemption
 from src.callbacks.resume_state import ResumeState
 from src.callbacks.throughput import TrainingThroughput
@@ -30,10 +31,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def controller_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
-    """RNG/data-order state in checkpoints, preemption on signals, throughput metrics."""
+    """A stop on divergence (first: it acts before anything saves the step), RNG/data-order
+    state in checkpoints, preemption on signals, throughput metrics."""
     preemption = cfg.get("preemption") or {}
     throughput = cfg.get("throughput") or {}
+    divergence = cfg.get("divergence") or {}
     return [
+        DivergenceStop(patience=int(divergence.get("patience", 1))),
         ResumeState(),
         TrainingThroughput(window_size=int(throughput.get("window_size", 20))),
         Preemption(
