@@ -62,8 +62,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     controller = controller_callbacks(cfg, run_dir)
     callbacks.extend(controller)
     loggers = instantiate_loggers(cfg.get("logger"))
-    if resume is not None:
-        roll_back_loggers(loggers, resume.global_step)
+    if resume is not None or (cfg.get("run_name") and cfg.get("train")):
+        # a named run without a checkpoint starts again at step 0: its old rows are set aside
+        roll_back_loggers(loggers, resume.global_step if resume else 0)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, **trainer_plugins(cfg)
     )

@@ -104,25 +104,50 @@ def _plain(value: Any) -> Any:
 
 def resume_point(cfg: DictConfig, run_dir: Path) -> ResumePoint | None:
     """Where this run continues from: an explicit `ckpt_path`, else (with a run_name and
-    `resume.auto`) the run directory's newest loadable checkpoint, else None (a fresh start)."""
-    if cfg.get("ckpt_path"):
-        return None  # train.py passes an explicit ckpt_path on unchanged
+    `resume.auto`) the run directory's newest loadable checkpoint, else None (a fresh start).
+
+    Either way the checkpoint's stored config must match the current one under
+    `resume.must_match` (model, data, seed by default); otherwise a ResumeError lists every
+    difference, before any weights are loaded (a raw state-dict size error says far less)."""
     resume = cfg.get("resume") or {}
+    if cfg.get("ckpt_path"):
+        point = explicit_checkpoint(Path(str(cfg.ckpt_path)))
+        _check_config(point, cfg, f"cannot train from ckpt_path={point.path}")
+        return point
     if cfg.get("run_name") is None or not resume.get("auto", True):
         return None
     point = newest_checkpoint(run_dir / "checkpoints")
     if point is None:
         return None
-    if point.config is not None:
-        keys = list(resume.get("must_match") or [])
-        current = {key: _plain(cfg.get(key, MISSING)) for key in keys}
-        differences = config_differences(point.config, current, keys)
-        if differences:
-            raise ResumeError(
-                f"cannot resume run {cfg.run_name!r} from {point.path}: its config differs in\n  "
-                + "\n  ".join(differences)
-                + "\nRun it with the same overrides as before, or pick a new run_name "
-                "for a new run."
-            )
+    _check_config(point, cfg, f"cannot resume run {cfg.run_name!r} from {point.path}")
     log.info("resuming run %r from %s (step %d)", cfg.run_name, point.path, point.global_step)
     return point
+
+
+def explicit_checkpoint(path: Path) -> ResumePoint:
+    """The checkpoint a user named with `ckpt_path`, or a ResumeError saying why it cannot."""
+    try:
+        checkpoint = read_checkpoint(path)
+        step = int(checkpoint["global_step"])
+    except Exception as error:
+        raise ResumeError(
+            f"ckpt_path={path} does not load ({type(error).__name__}: {error}); pass the path "
+            "of a checkpoint written by train.py (e.g. <run dir>/checkpoints/last.ckpt)"
+        ) from error
+    return ResumePoint(path, step, checkpoint.get(CONFIG_KEY))
+
+
+def _check_config(point: ResumePoint, cfg: DictConfig, what: str) -> None:
+    """Raise a ResumeError listing where the stored config differs under resume.must_match."""
+    if point.config is None:
+        return
+    keys = list((cfg.get("resume") or {}).get("must_match") or [])
+    current = {key: _plain(cfg.get(key, MISSING)) for key in keys}
+    differences = config_differences(point.config, current, keys)
+    if differences:
+        raise ResumeError(
+            f"{what}: its config differs in\n  "
+            + "\n  ".join(differences)
+            + "\nRun with the same overrides as the checkpoint's run, pick a new run_name for a "
+            f"new run, or narrow resume.must_match (now {keys}) to continue on purpose."
+        )

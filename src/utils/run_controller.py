@@ -17,6 +17,7 @@ from src.callbacks.divergence import DivergenceStop
 from src.callbacks.preemption import Preemption
 from src.callbacks.resume_state import ResumeState
 from src.callbacks.throughput import TrainingThroughput
+from src.loggers.resumable_csv import ROLLED_BACK_FILE
 from src.utils.checkpoint_io import AtomicCheckpointIO
 from src.utils.resume import read_checkpoint
 
@@ -56,13 +57,25 @@ def trainer_plugins(cfg: DictConfig) -> dict[str, Any]:
 
 
 def roll_back_loggers(loggers: list[Logger], step: int) -> None:
-    """Loggers that can (the CSV one) set aside what was logged after the resumed step."""
+    """Loggers that can set aside what was logged at or after the step training continues
+    from: the CSV logger moves those rows to metrics.rolled_back.csv, TensorBoard purges them.
+    Step 0 is a named run starting again without a checkpoint (deleted, or never written):
+    everything an earlier attempt logged is set aside, so two trainings never mix in one log."""
     for logger in loggers:
         roll_back = getattr(logger, "roll_back", None)
-        if callable(roll_back):
-            moved = roll_back(step)
-            if moved:
-                log.info("%s: moved %d rows logged after step %d aside", logger.name, moved, step)
+        if not callable(roll_back):
+            continue
+        moved = roll_back(step)
+        if moved and step == 0:
+            log.warning(
+                "%s: the run directory has no checkpoint but holds %d rows of an earlier "
+                "training; this run starts again at step 0 and those rows moved to %s",
+                logger.name,
+                moved,
+                ROLLED_BACK_FILE,
+            )
+        elif moved:
+            log.info("%s: moved %d rows logged after step %d aside", logger.name, moved, step)
 
 
 def finish_training(trainer: Trainer, callbacks: list[Callback], run_dir: Path) -> dict[str, float]:
