@@ -24,6 +24,7 @@ import copy
 import importlib
 import inspect
 import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -278,17 +279,23 @@ class Probe(NamedTuple):
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """No warnings or log records from forwards on a dummy input (e.g. k-means on 10 vectors);
-    the global RNG is left as it was."""
+def _quiet(target: str) -> Iterator[None]:
+    """No warnings or log records from forwards on a dummy input (vector-quantize-pytorch logs
+    "k-means init received 10 vectors" through loguru); the global RNG is left as it was."""
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    loguru = sys.modules.get("loguru")  # imported by the target's package, if it uses it
+    package = target.split(".")[0]
+    if loguru is not None:
+        loguru.logger.disable(package)
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             yield
     finally:
         logging.disable(previous)
+        if loguru is not None:
+            loguru.logger.enable(package)
 
 
 def probe_module(module: nn.Module, target: str, dim: int) -> Probe:
@@ -301,7 +308,7 @@ def probe_module(module: nn.Module, target: str, dim: int) -> Probe:
     try:
         twin = copy.deepcopy(module)
         before = {name: b.detach().clone() for name, b in twin.named_buffers()}
-        with _quiet(), torch.no_grad():
+        with _quiet(target), torch.no_grad():
             read_output(twin.train()(x), x, target)
             twin.eval()
             quantized, indices, _ = read_output(twin(x), x, target)
@@ -381,7 +388,7 @@ def check_probe_decoding(wrapper: ExternalQuantizer, probe: Probe) -> None:
     API's decode_codes would then differ from the tokenizer's reconstruction)."""
     decoder = getattr(probe.copy, wrapper._decoder_name)
     try:
-        with _quiet(), torch.no_grad():
+        with _quiet(wrapper.target), torch.no_grad():
             decoded = decoder(slots_to_indices(probe.indices, wrapper.layout))
     except Exception as error:
         warnings.warn(

@@ -56,6 +56,22 @@ CASES: dict[str, dict[str, Any]] = {
         "quantize_dropout": True,
         "commitment_weight": 0.25,
     },
+    # vector-quantize-pytorch's VectorQuantize through quantizer=external: built before the
+    # group, the library leaves its own torch.distributed sync off and the wrapper routes its
+    # codebook hooks through the StrategyCommunicator (src/quantizers/external.py). Set off
+    # explicitly: built after an earlier case's fit, the group would exist and the library
+    # would sync itself (sampling per rank, not as one process on the union would)
+    "external_vq": {
+        "name": "external",
+        "target": "vector_quantize_pytorch.VectorQuantize",
+        "sync_codebook": False,
+        "codebook_size": 32,
+        "decay": 0.8,
+        "kmeans_init": True,
+        "kmeans_iters": 10,
+        "threshold_ema_dead_code": THRESHOLD,
+        "commitment_weight": 0.25,
+    },
     # the latent normalisation's batch statistics and running estimates (FSQ has no state)
     "fsq_norm": {"name": "fsq", "levels": [5, 5, 5]},
 }
