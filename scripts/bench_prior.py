@@ -1,4 +1,4 @@
-"""Speed and memory of the Grok prior's parts (issue 13), 2 CPU threads, float32.
+"""Speed and memory of the Grok prior's parts (issue 13), 2 CPU threads (--threads), float32.
 
     python scripts/bench_prior.py                  # all four sections, markdown on stdout
     python scripts/bench_prior.py --only moe,decode  # some of: moe, decode, attention, compile
@@ -17,21 +17,27 @@ Times are medians over alternating steps (scripts/bench_common.py); peak memory 
 the resident-set high-water mark over one step, with glibc tuned as bench_common does.
 """
 
+# ruff: noqa: E402  (imports follow the sys.path fix below)
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# run as a script, Python puts scripts/ first on sys.path, where scripts/tokenize.py would
+# shadow the standard library's tokenize (imported by torch): drop that entry
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 import argparse
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.bench_common import Case, bench_case, peak_of_one_step
 from src.models.grok import GrokConfig, GrokLM
@@ -257,10 +263,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {cpu}, 2 threads, float32")
+    print(f"torch {torch.__version__}, {cpu}, {args.threads} threads, float32")
     for name in args.only.split(","):
         start = time.perf_counter()
         rows = SECTIONS[name]()

@@ -33,10 +33,17 @@ def attention_block(
     s = k.shape[2]
     scores = torch.matmul(q.reshape(b, h_kv, group * tq, hd), k.transpose(-1, -2))
     wide = torch.promote_types(scores.dtype, torch.float32)
-    scores = soft_cap(scores.view(b, h_kv, group, tq, s).to(wide) * scale, cap)
+    scores = scores.view(b, h_kv, group, tq, s).to(wide)
     q_pos = torch.arange(q_start, q_start + tq, device=q.device)
     future = torch.arange(s, device=q.device)[None, :] > q_pos[:, None]
-    probs = F.softmax(scores.masked_fill(future, float("-inf")), dim=-1).to(v.dtype)
+    if torch.is_grad_enabled():
+        scores = soft_cap(scores * scale, cap).masked_fill(future, float("-inf"))
+    else:  # inference: one scores buffer rewritten in place instead of five temporaries
+        scores = scores.mul_(scale)
+        if cap > 0:
+            scores = scores.div_(cap).tanh_().mul_(cap)
+        scores = scores.masked_fill_(future, float("-inf"))
+    probs = F.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs.view(b, h_kv, group * tq, s), v)
     return out.view(b, h_kv, group, tq, hd)
 

@@ -8,12 +8,23 @@ output beyond tolerance (i.e. the equivalence test would catch its absence).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch import Tensor
 
 from src.models.grok import GrokConfig
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second OpenMP thread only adds contention on a shared box (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)

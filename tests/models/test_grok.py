@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 from src.models.grok import GrokConfig, GrokLM
 from src.models.grok_ops import rope_cos_sin
 from tests.models import grok_reference as ref
+from tests.models.grok_reference import one_thread
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "prior"
 

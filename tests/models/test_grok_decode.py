@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from src.models.grok import GrokLM
 from src.models.grok_generate import sample_next
-from tests.models.grok_reference import tiny_config
+from tests.models.grok_reference import one_thread, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: a second thread only adds OpenMP contention on a shared box (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 def model(seed: int = 0, **overrides) -> GrokLM:

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 
 from src.models.grok import GrokConfig, GrokLM
 from src.models.grok_moe import GrokMoE
-from tests.models.grok_reference import tiny_config
+from tests.models.grok_reference import one_thread, tiny_config
+
+pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
 
 def make_moe(backend: str, seed: int = 0, experts: int = 8) -> GrokMoE:
