@@ -18,7 +18,12 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parent))
 
 from src.callbacks import ConfigInCheckpoint
 from src.callbacks.preemption import RunPreempted
-from src.utils.config_checks import check_monitor, check_quantizer_config, model_overrides
+from src.utils.config_checks import (
+    check_monitor,
+    check_optimizer_config,
+    check_quantizer_config,
+    model_overrides,
+)
 from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from src.utils.launch_rank import is_launch_rank_zero
@@ -44,6 +49,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (resuming the run directory's newest checkpoint when the run has a run_name), then
     test the best checkpoint; returns the final validation and test metrics and throughput."""
     check_quantizer_config(cfg)
+    check_optimizer_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
     resume = resume_point(cfg, run_dir) if cfg.get("train") else None
     ckpt_path = cfg.get("ckpt_path") or (str(resume.path) if resume else None)

@@ -29,6 +29,8 @@ def load_audio(path: Path, sample_rate: int) -> Tensor:
     """Read a file with soundfile, mix to mono, resample to ``sample_rate``: float32 ``(T,)``."""
     data, source_rate = sf.read(str(path), dtype="float32", always_2d=True)
     waveform = torch.from_numpy(data).mean(dim=1)
+    if waveform.numel() == 0:  # nothing to resample (torchaudio would fail with a reshape error)
+        return waveform
     if source_rate != sample_rate:
         waveform = AF.resample(waveform, source_rate, sample_rate)
     return waveform.contiguous()
@@ -43,8 +45,11 @@ def load_clips(files: Sequence[Path], sample_rate: int) -> list[tuple[Path, Tens
         except Exception as err:  # soundfile/libsndfile raise several types for bad files
             log.warning("skipping unreadable audio file %s: %s", path, err)
             continue
-        if waveform.numel() == 0 or not bool(torch.isfinite(waveform).all()):
-            log.warning("skipping audio file %s: it holds no samples or non-finite ones", path)
+        if waveform.numel() == 0:
+            log.warning("skipping empty audio file %s: it holds no samples", path)
+            continue
+        if not bool(torch.isfinite(waveform).all()):
+            log.warning("skipping audio file %s: it holds non-finite samples", path)
             continue
         clips.append((path, waveform))
     return clips

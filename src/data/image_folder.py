@@ -92,7 +92,7 @@ class ImageFolderDataModule(SplitImageDataModule):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.extensions = as_tuple(extensions)
         self.recursive = bool(recursive)
         self.val_fraction = float(val_fraction)

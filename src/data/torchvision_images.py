@@ -53,7 +53,7 @@ class TorchvisionImageDataModule(SplitImageDataModule):
                 f"{', '.join(TORCHVISION_IMAGE_DATASETS)}"
             )
         self.name = name
-        self.root = str(root)
+        self.root = str(Path(root).expanduser())
         self.download = bool(download)
         self.val_fraction = float(val_fraction)
         spec = TORCHVISION_IMAGE_DATASETS[name]

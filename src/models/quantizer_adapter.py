@@ -22,7 +22,8 @@ class QuantizedLatents(NamedTuple):
 
 
 def build_latent_quantizer(config: dict[str, Any], latent_dim: int) -> nn.Module:
-    """Build the quantizer named in `config["name"]`; `dim` defaults to the latent width."""
+    """Build the quantizer named in `config["name"]`; `dim` defaults to the latent width, and a
+    `dim` set to another width is refused here, naming both, not at the first forward."""
     kwargs = dict(config)
     name = kwargs.pop("name", None)
     if name is None:
@@ -32,7 +33,15 @@ def build_latent_quantizer(config: dict[str, Any], latent_dim: int) -> nn.Module
             f"{name} produces only indices (targets for masked prediction); it cannot sit "
             "between encoder and decoder; pick one of: " + ", ".join(bottleneck_quantizers())
         )
-    kwargs.setdefault("dim", latent_dim)
+    if kwargs.get("dim") is None:
+        kwargs["dim"] = latent_dim
+    elif int(kwargs["dim"]) != latent_dim:
+        raise ValueError(
+            f"quantizer.dim={kwargs['dim']} differs from the model's latent width "
+            f"model.latent_dim={latent_dim}: the quantizer sees latent_dim channels per token. "
+            f"Drop quantizer.dim (it defaults to the latent width) or set "
+            f"model.latent_dim={kwargs['dim']}"
+        )
     return build_quantizer(name, **kwargs)
 
 

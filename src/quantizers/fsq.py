@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.registry import register_quantizer
 
 _MAX_INDEXABLE = 2**63  # indices are int64: the largest index prod(levels) - 1 must fit
@@ -213,10 +214,12 @@ class FSQ(nn.Module, QuantizerContract):
 
     def forward(self, z: Tensor) -> FSQOutput:
         """Quantize `z`; indices are (..., num_codebooks) or (...) with a single codebook."""
+        check_float_input(z, "FSQ")
         self._check_input(z)
         if self.channel_first:
             z = z.movedim(1, -1)
-        z = self.project_in(z)
+        given = z
+        z = project(self.project_in, z)
         orig_dtype = z.dtype
         z = z.unflatten(-1, (self.num_codebooks, self.codebook_dim))
 
@@ -227,7 +230,7 @@ class FSQ(nn.Module, QuantizerContract):
             codes, indices = self._quantize(z)
         codes = codes.flatten(-2).to(orig_dtype)
 
-        out = self.project_out(codes)
+        out = like_input(project(self.project_out, codes), given)
         if self.channel_first:
             out = out.movedim(-1, 1)
         if indices is not None and not self.keep_num_codebooks_dim:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from src.quantizers.collectives import differentiable_all_reduce_sum
 from src.quantizers.communicator import Distributable
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.kernels.entropy import (
     MAX_EXACT_BITS,
     batch_entropy,
@@ -248,6 +249,8 @@ class LFQ(Distributable, QuantizerContract):
         return_loss_breakdown: bool = False,
         mask: Tensor | None = None,
     ) -> LFQOutput | tuple[LFQOutput, LFQLossBreakdown]:
+        check_float_input(x, "LFQ")
+        given = x
         transpose = x.ndim >= 4 if self.channel_first is None else self.channel_first
         spatial: tuple[int, ...] = ()
         if transpose:
@@ -272,7 +275,7 @@ class LFQ(Distributable, QuantizerContract):
                 )
             mask = mask.reshape(batch, tokens).bool()
 
-        x = self.project_in(x)
+        x = project(self.project_in, x)
         if self.soft_clamp_input_value is not None:
             clamp = self.soft_clamp_input_value
             x = (x / clamp).tanh() * clamp
@@ -303,7 +306,7 @@ class LFQ(Distributable, QuantizerContract):
 
         if self.orthogonal_rotation:
             out = out @ self.orthogonal_rot.t()
-        out = self.project_out(out.flatten(-2))
+        out = like_input(project(self.project_out, out.flatten(-2)), given)
         if transpose:
             out = out.transpose(1, 2).unflatten(2, spatial)
             indices = indices.unflatten(1, spatial)

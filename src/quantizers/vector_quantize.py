@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from src.quantizers.collectives import all_gather_varying
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.kernels import (
     code_scores_bias,
     cosine_rotate_commit,
@@ -280,12 +281,17 @@ class VectorQuantize(CodebookState, QuantizerContract):
         """
         if indices is not None:
             raise NotImplementedError("VectorQuantize(x, indices=...) is not supported")
+        check_float_input(x, type(self).__name__)
         tokens = self._to_tokens(x)
         positions = tokens.shape[:-1]
         valid = self._valid_rows(mask, lens, positions)
         n, heads, d = positions.numel(), self.heads, self.codebook_dim
+        index_shape = (*positions, heads) if heads > 1 else positions
+        if n == 0:  # nothing to quantize or learn from: no state change, zero loss (not NaN)
+            empty = torch.zeros(index_shape, dtype=torch.long, device=x.device)
+            return VQOutput(torch.zeros_like(x), empty, x.new_zeros(1, dtype=torch.float32))
 
-        latents = self.project_in(tokens.reshape(n, self.dim)).float().view(n, heads, d)
+        latents = project(self.project_in, tokens.reshape(n, self.dim)).float().view(n, heads, d)
         frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         update = self.training and not frozen
         fused = self._fused_cosine(valid, frozen)
@@ -310,7 +316,7 @@ class VectorQuantize(CodebookState, QuantizerContract):
             loss = self._loss(latents, codes, flat_idx, valid, frozen)
             estimator = rotate_to if self.rotation_trick else straight_through
             out = estimator(latents, codes.detach())
-        out = self.project_out(out.reshape(n, heads * d).to(x.dtype))
+        out = like_input(project(self.project_out, out.reshape(n, heads * d).to(x.dtype)), x)
 
         if update:
             self._update_or_pool(latents.detach(), flat_idx, valid)
@@ -322,7 +328,6 @@ class VectorQuantize(CodebookState, QuantizerContract):
             out = out.masked_fill(~valid.unsqueeze(-1), 0.0)
             local_idx = local_idx.masked_fill(~valid.unsqueeze(-1), -1)
         quantized = self._from_tokens(out.reshape(*positions, self.dim))
-        index_shape = (*positions, heads) if heads > 1 else positions
         return VQOutput(quantized, local_idx.reshape(index_shape), loss.reshape(1))
 
     def _fused_cosine(self, valid: Tensor | None, frozen: bool) -> bool:

@@ -38,6 +38,28 @@ def check_quantizer_config(config: DictConfig) -> None:
     quantizer_class(quantizer.get("name"))
 
 
+def check_optimizer_config(config: DictConfig) -> None:
+    """The optimizer settings a model config carries must make sense before anything is built
+    (AdamW would refuse a negative learning rate only once training has been set up)."""
+    model = config.get("model") or {}
+    rules = {
+        "lr": (lambda v: v > 0, "a positive number, e.g. model.lr=2e-3"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "warmup_steps": (lambda v: v >= 0, ">= 0 steps"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    }
+    for key, (ok, expected) in rules.items():
+        value = model.get(key)
+        if value is None:
+            continue
+        try:
+            number = None if isinstance(value, bool) else float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not ok(number):
+            raise ValueError(f"model.{key}={value!r} is not valid: it must be {expected}")
+
+
 def check_monitor(config: Mapping[str, Any], model: object) -> None:
     """The monitored metric must be one the model logs at validation (when the model says what
     it logs, `epoch_metric_names`), so a checkpoint is never chosen by a metric nobody writes;
