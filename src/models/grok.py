@@ -81,55 +81,59 @@ class GrokLM(nn.Module):
                 nn.init.ones_(module.weight)
 
     # ---- forward passes ----
+    def _check_length(self, length: int, cache: GrokKVCache | None) -> tuple[int, int]:
+        offset = 0 if cache is None else cache.length
+        end = offset + length
+        if end > self.config.max_position_embeddings:
+            raise ValueError(
+                f"GrokLM: position {end} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        return offset, end
+
+    def _hidden(self, embeds: Tensor, cache: GrokKVCache | None) -> tuple[Tensor, list]:
+        """Scaled input embeddings (B, T, hidden) -> final-normed hidden states, router stats."""
+        offset, end = self._check_length(embeds.shape[1], cache)
+        positions = torch.arange(offset, end, device=embeds.device)
+        cos, sin = rope_cos_sin(
+            positions, self.config.head_dim, self.config.rope_theta, embeds.dtype
+        )
+        r, stats = embeds, []
+        for i, layer in enumerate(self.layers):
+            r, layer_stats = layer(r, cos, sin, cache, i)
+            stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(embeds.shape[1])
+        return self.norm(r), stats
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final-normed hidden states -> logits: (tied) head, times output_multiplier_scale."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head) * self.config.output_multiplier_scale
+
     def _run(self, input_ids: Tensor, cache: GrokKVCache | None) -> tuple[Tensor, list]:
         if input_ids.dim() != 2:
             raise ValueError(
                 f"GrokLM: input_ids must be (batch, length), got {tuple(input_ids.shape)}"
             )
         embeds = self.embed_tokens(input_ids) * self.config.embedding_multiplier_scale
-        hidden, stats = self._decode(embeds, cache)
+        hidden, stats = self._hidden(embeds, cache)
         return self.logits(hidden), stats
-
-    def _decode(self, r: Tensor, cache: GrokKVCache | None) -> tuple[Tensor, list]:
-        """Decoder layers and final norm over scaled input embeddings r (B, T, hidden)."""
-        offset = 0 if cache is None else cache.length
-        end = offset + r.shape[1]
-        if end > self.config.max_position_embeddings:
-            raise ValueError(
-                f"GrokLM: position {end} exceeds max_position_embeddings "
-                f"{self.config.max_position_embeddings}"
-            )
-        positions = torch.arange(offset, end, device=r.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, r.dtype)
-        stats = []
-        for i, layer in enumerate(self.layers):
-            r, layer_stats = layer(r, cos, sin, cache, i)
-            stats.append(layer_stats)
-        if cache is not None:
-            cache.advance(r.shape[1])
-        return self.norm(r), stats
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Final normed hidden states (..., hidden) -> logits (..., vocab_size): the (tied) head
-        and the output multiplier."""
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head) * self.config.output_multiplier_scale
 
     def forward_embeds(
         self, embeds: Tensor, cache: GrokKVCache | None = None, return_aux: bool = False
     ) -> Tensor | GrokOutput:
-        """The decoder stack on input embeddings instead of ids (models that build their own
-        inputs, e.g. summed embeddings of parallel code streams): embeds (B, T, hidden), already
-        scaled as the caller wants (`forward` scales by embedding_multiplier_scale) -> final
-        normed hidden states (B, T, hidden), to be turned into logits by `logits` or the
-        caller's own heads. With a cache, the T positions follow cache.length and are appended
-        to it. With return_aux, a GrokOutput whose first field holds these hidden states."""
+        """The layers and final norm on given input embeddings (B, T, hidden), already scaled
+        by embedding_multiplier_scale (e.g. sums of several streams' embeddings). Returns the
+        final-normed hidden states (B, T, hidden), to be read out with `logits(...)` or any
+        head; with return_aux, a GrokOutput whose `logits` field holds those hidden states.
+        With a cache, as forward_with_cache."""
         if embeds.dim() != 3 or embeds.shape[-1] != self.config.hidden_size:
             raise ValueError(
-                f"GrokLM: embeds must be (batch, length, hidden_size={self.config.hidden_size}), "
-                f"got {tuple(embeds.shape)}"
+                f"GrokLM.forward_embeds: embeds must be (batch, length, "
+                f"{self.config.hidden_size}), got {tuple(embeds.shape)}"
             )
-        hidden, stats = self._decode(embeds, cache)
+        hidden, stats = self._hidden(embeds, cache)
         return self._with_aux(hidden, stats) if return_aux else hidden
 
     def forward(self, input_ids: Tensor, return_aux: bool = False) -> Tensor | GrokOutput:

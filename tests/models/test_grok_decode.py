@@ -172,3 +172,21 @@ def test_compiled_training_forward_equals_eager() -> None:
     torch.testing.assert_close(fast.aux_loss, eager.aux_loss, rtol=1e-4, atol=1e-6)
     fast.logits.sum().backward()
     assert lm.layers[0].moe_block.w_in.grad.abs().sum() > 0
+
+
+def test_forward_embeds_then_logits_equals_the_id_forward() -> None:
+    """forward_embeds (for inputs built from embeddings, e.g. summed streams) + logits is
+    the id forward, also through the cache; aux statistics come along."""
+    lm = model()
+    x = ids(2, 9)
+    embeds = lm.embed_tokens(x) * lm.config.embedding_multiplier_scale
+    with torch.no_grad():
+        out = lm.forward_embeds(embeds, return_aux=True)
+        reference = lm.forward_train(x)
+        assert torch.equal(lm.logits(out.logits), reference.logits)
+        assert torch.equal(out.expert_load, reference.expert_load)
+        cache = lm.new_cache(2, 9)
+        steps = [lm.logits(lm.forward_embeds(embeds[:, a:b], cache)) for a, b in ((0, 4), (4, 9))]
+        torch.testing.assert_close(torch.cat(steps, 1), reference.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="embeds must be"):
+        lm.forward_embeds(embeds[..., :-1])
