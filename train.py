@@ -39,6 +39,7 @@ from src.utils.run_controller import (
 from src.utils.run_files import final_metrics, run_files
 from src.utils.run_name import register_resolvers
 from src.utils.run_status import record_failure
+from src.utils.two_stage import run_prior_stage
 
 register_resolvers()
 
@@ -96,7 +97,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.test(
                 model, datamodule=datamodule, ckpt_path=test_ckpt or None, weights_only=True
             )
-            metrics.update(final_metrics(trainer, prefixes=("test/",)))
+            # a prior's sample metrics (sample/...) are computed at test time
+            metrics.update(final_metrics(trainer, prefixes=("test/", "sample/")))
             files = files or run_files(trainer)
     except RunPreempted as preempted:
         status = "preempted"
@@ -129,6 +131,8 @@ def main(cfg: DictConfig) -> Any:
     )
     with ddp_job_scope(), failure:  # under DDP, a multirun job's ranks run only that job
         metrics = train(cfg)
+        if cfg.get("two_stage"):  # experiment=mnist_two_stage: then a prior on its codes
+            metrics.update(run_prior_stage(cfg, train))
     return metrics.get(cfg.get("optimized_metric") or "")
 
 

@@ -32,7 +32,15 @@ METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "dead_codes": ("{stage}/codebook/dead_codes",),
     "bitrate_kbps": ("{stage}/bitrate_kbps",),
     "tokens_per_sec": ("summary/tokens_per_sec", "train/tokens_per_sec"),
+    # the prior stage of a two-stage run (<run>/prior): bits per image, sample quality, and the
+    # FD of the tokenizer's reconstructions (the floor a prior on these codes can reach)
+    "prior_bits_per_image": ("prior/{stage}/bits_per_sample",),
+    "sample_class_accuracy": ("prior/sample/class_accuracy",),
+    "sample_fd": ("prior/sample/fd",),
+    "recon_fd_floor": ("prior/sample/fd_reconstructions",),
 }
+PRIOR_DIR = "prior"  # src/utils/two_stage.py
+PRIOR_COLUMNS = ("prior_bits_per_image", "sample_class_accuracy", "sample_fd", "recon_fd_floor")
 QUALITY_COLUMNS = ("psnr", "ssim", "si_snr")  # shown only when some run logged them
 # shown for runs with codebooks (some run logged `<stage>/codebook/...`, PSNR or SI-SNR)
 CODEBOOK_COLUMNS = ("utilization", "perplexity", "dead_codes", "bitrate_kbps")
@@ -61,7 +69,11 @@ class Run:
     def load(cls, path: Path) -> Run:
         record = read_failure(path)
         failure = str(record.get("error") or "failed") if record else None
-        return cls(Path(path), read_overrides(path), read_final_metrics(path), failure)
+        metrics = read_final_metrics(path)
+        # a two-stage run (experiment=mnist_two_stage) holds its prior's run in <run>/prior
+        prior = read_final_metrics(Path(path) / PRIOR_DIR)
+        metrics.update({f"{PRIOR_DIR}/{name}": value for name, value in prior.items()})
+        return cls(Path(path), read_overrides(path), metrics, failure)
 
     @property
     def status(self) -> str:
@@ -107,6 +119,9 @@ def find_run_dirs(paths: Iterable[Path | str]) -> list[Path]:
                 "or csv/version_*/metrics.csv): give a run or multirun directory of train.py"
             )
         found += inside
+    # the prior stage of a two-stage run is read with its run (Run.load), not as a row
+    runs = set(found)
+    found = [p for p in found if not (p.name == PRIOR_DIR and p.parent in runs)]
     return list(dict.fromkeys(found))
 
 
@@ -192,7 +207,8 @@ def metric_columns(
     has_codebooks = bool(leading) or any(
         "/codebook/" in name for run in shown for name in run.metrics
     )
-    trailing = [*(CODEBOOK_COLUMNS if has_codebooks else ()), "tokens_per_sec"]
+    priors = [c for c in PRIOR_COLUMNS if present(c)]
+    trailing = [*(CODEBOOK_COLUMNS if has_codebooks else ()), *priors, "tokens_per_sec"]
     extras = shared_extra_metrics(finished, stage)
     taken = set(leading) | set(trailing)
     columns = {column: METRIC_COLUMNS[column] for column in leading}
