@@ -19,12 +19,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.contract import check_index_range
 from src.quantizers.fsq import FSQ
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.kernels import straight_through
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStack
+from src.quantizers.residual_quantizer import ResidualQuantizer
 
 
 class ResidualFSQOutput(NamedTuple):
@@ -70,7 +70,7 @@ class FSQRefinement(nn.Module):
 
 
 @register_quantizer("rfsq")
-class ResidualFSQ(nn.Module, QuantizerContract):
+class ResidualFSQ(ResidualQuantizer):
     """`num_quantizers` FSQ layers on successive residuals, with the reference's keywords.
 
     Input is channel-last `(..., dim)` or, with `is_channel_first=True`, `(batch, dim, ...)`.
@@ -95,27 +95,16 @@ class ResidualFSQ(nn.Module, QuantizerContract):
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1; got {num_quantizers}")
         self.levels = levels
-        self.codebook_dim = len(levels)
-        self.dim = self.codebook_dim if dim is None else dim
-        self.num_quantizers = num_quantizers
-        self.num_codebooks = num_quantizers
-        self.codebook_size = self.fsq.codebook_size
         self.is_channel_first = is_channel_first
-        projected = self.dim != self.codebook_dim
-        self.project_in = nn.Linear(self.dim, self.codebook_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(self.codebook_dim, self.dim) if projected else nn.Identity()
-        self.stack = ResidualStack(
+        self.channel_first = is_channel_first
+        self.init_projections(len(levels) if dim is None else dim, len(levels))
+        self.init_stack(
             [FSQRefinement(levels, depth) for depth in range(num_quantizers)],
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
-            owner=type(self).__name__,
         )
-
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
-        """Layers kept in this training step (quantize dropout), agreed across ranks."""
-        return self.stack.draw_num_kept(device)
 
     def forward(self, x: Tensor, *, num_kept: int | None = None) -> ResidualFSQOutput:
         """Quantize `x`; indices are (..., num_quantizers)."""
@@ -126,43 +115,16 @@ class ResidualFSQ(nn.Module, QuantizerContract):
         with torch.autocast(x.device.type, enabled=False):
             bounded = self.fsq.bound(z.float())  # layer-0 level units
             stacked = self.stack(bounded, num_kept=num_kept)
-            codes = stacked.quantized / self.fsq._half_width
+            codes = self.from_stack_units(stacked.quantized)
             indices = stacked.indices
-        out = self._project_out(codes, z.dtype).reshape(*token_shape, self.dim)
+        out = self.project_out(codes.to(z.dtype)).reshape(*token_shape, self.dim)
         if self.is_channel_first:
             out = out.movedim(-1, 1)
         return ResidualFSQOutput(out, indices.reshape(*token_shape, self.num_quantizers))
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Per-layer codes in [-1, 1] units (num_quantizers, ..., len(levels)), unprojected."""
-        flat = self._check_indices(indices).reshape(1, -1, indices.shape[-1])
-        codes = self.stack.get_codes_from_indices(flat) / self.fsq._half_width
-        return codes.reshape(codes.shape[0], *indices.shape[:-1], self.codebook_dim)
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode indices (..., q <= num_quantizers) into forward's output, in the input layout."""
-        token_shape = self._check_indices(indices).shape[:-1]
-        flat = indices.reshape(1, -1, indices.shape[-1])
-        codes = self.stack.get_output_from_indices(flat) / self.fsq._half_width
-        out = self._project_out(codes, self._project_dtype()).reshape(*token_shape, self.dim)
-        return out.movedim(-1, 1) if self.is_channel_first else out
-
-    decode_indices = get_output_from_indices  # the contract's name
-
-    def _project_out(self, codes: Tensor, dtype: torch.dtype) -> Tensor:
-        return self.project_out(codes.to(dtype))
-
-    def _project_dtype(self) -> torch.dtype:
-        weight = getattr(self.project_out, "weight", None)
-        return weight.dtype if weight is not None else torch.float32
-
-    def _check_indices(self, indices: Tensor) -> Tensor:
-        if indices.ndim < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
-            raise ValueError(
-                f"indices must be (batch, ..., q) with 1 <= q <= {self.num_quantizers}; "
-                f"got {tuple(indices.shape)}"
-            )
-        return indices
+    def from_stack_units(self, codes: Tensor) -> Tensor:
+        """Layer-0 level units -> FSQ's [-1, 1] code units."""
+        return codes / self.fsq._half_width
 
     def _check_input(self, x: Tensor) -> None:
         if self.is_channel_first:
@@ -179,45 +141,16 @@ class ResidualFSQ(nn.Module, QuantizerContract):
 
 
 @register_quantizer("grfsq")
-class GroupedResidualFSQ(nn.Module, QuantizerContract):
+class GroupedResidualFSQ(GroupedResidual):
     """`groups` ResidualFSQs, each on its own slice of the feature axis.
 
     Indices are (groups, ..., num_quantizers). `accept_image_fmap=True` takes channel-first
     `(batch, dim, ...)` maps. All groups keep the same depth under quantize dropout.
     """
 
-    def __init__(
-        self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: object
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.groups = groups
-        self.accept_image_fmap = accept_image_fmap
-        self.grouped = GroupedResidual.split_evenly(
-            lambda width: ResidualFSQ(dim=width, is_channel_first=accept_image_fmap, **kwargs),
-            dim,
-            groups,
-            channel_first=accept_image_fmap,
-        )
-        first = self.grouped.groups[0]
-        self.codebook_size = first.codebook_size
-        self.num_quantizers = first.num_quantizers
-        self.num_codebooks = groups * self.num_quantizers
+    member = ResidualFSQ
+    member_channel_first = "is_channel_first"
 
     @property
     def rfsqs(self) -> nn.ModuleList:
-        return self.grouped.groups
-
-    def forward(self, x: Tensor) -> ResidualFSQOutput:
-        """Quantize `x`; indices are (groups, ..., num_quantizers)."""
-        return self.grouped(x)
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Per-group, per-layer codes (groups, num_quantizers, ..., len(levels))."""
-        return self.grouped.get_codes_from_indices(indices)
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode (groups, ..., q) indices into forward's output."""
-        return self.grouped.get_output_from_indices(indices)
-
-    decode_indices = get_output_from_indices  # the contract's name
+        return self.members

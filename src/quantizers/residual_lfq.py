@@ -12,11 +12,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.contract import QuantizerContract
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.lfq import LFQ
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStack
+from src.quantizers.residual_quantizer import ResidualQuantizer
 
 
 class ResidualLFQOutput(NamedTuple):
@@ -45,7 +44,7 @@ class ResidualLFQCodesOutput(NamedTuple):
 
 
 @register_quantizer("rlfq")
-class ResidualLFQ(nn.Module, QuantizerContract):
+class ResidualLFQ(ResidualQuantizer):
     """`num_quantizers` LFQ layers of `codebook_size` codes, each quantizing what the previous
     left; layer `i` has `codebook_scale = 2^-i` (and half the previous soft clamp).
 
@@ -84,34 +83,16 @@ class ResidualLFQ(nn.Module, QuantizerContract):
             )
             if soft_clamp_input_value is not None:
                 soft_clamp_input_value *= 0.5
-        self.codebook_dim = layers[0].codebook_dim
-        self.codebook_size: int = layers[0].codebook_size
-        self.dim = dim
-        self.num_quantizers = num_quantizers
-        self.num_codebooks = num_quantizers
         self.channel_first = channel_first
-        self.has_projections = dim != self.codebook_dim
-        self.project_in: nn.Module = nn.Identity()
-        self.project_out: nn.Module = nn.Identity()
-        if self.has_projections:
-            self.project_in = nn.Linear(dim, self.codebook_dim)
-            self.project_out = nn.Linear(self.codebook_dim, dim)
-        self.stack = ResidualStack(
+        self.has_projections = dim != layers[0].codebook_dim
+        self.init_projections(dim, layers[0].codebook_dim)
+        self.init_stack(
             layers,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
-            owner=type(self).__name__,
         )
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.stack.layers
-
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
-        """Layers kept in this training step (quantize dropout), agreed across ranks."""
-        return self.stack.draw_num_kept(device)
 
     def forward(
         self,
@@ -138,29 +119,6 @@ class ResidualLFQ(nn.Module, QuantizerContract):
             return ResidualLFQCodesOutput(out, indices, stacked.losses, all_codes)
         return ResidualLFQOutput(out, indices, stacked.losses)
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Per-layer codes (num_quantizers, ..., codebook_dim) before projection; -1 gives 0."""
-        flat = self._flat_indices(indices)
-        codes = self.stack.get_codes_from_indices(flat)
-        return codes.reshape(codes.shape[0], *indices.shape[:-1], self.codebook_dim)
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode indices (..., q <= num_quantizers) into forward's output, in its layout."""
-        flat = self._flat_indices(indices)
-        out = self.project_out(self.stack.get_output_from_indices(flat))
-        out = out.reshape(*indices.shape[:-1], self.dim)
-        return out.movedim(-1, 1) if self.channel_first else out
-
-    decode_indices = get_output_from_indices  # the contract's name
-
-    def _flat_indices(self, indices: Tensor) -> Tensor:
-        if indices.ndim < 2 or not 1 <= indices.shape[-1] <= self.num_quantizers:
-            raise ValueError(
-                f"indices must be (batch, ..., q) with 1 <= q <= {self.num_quantizers}; "
-                f"got {tuple(indices.shape)}"
-            )
-        return indices.reshape(1, -1, indices.shape[-1])
-
     def _check_input(self, x: Tensor) -> tuple[int, ...]:
         if self.channel_first:
             if x.ndim < 3 or x.shape[1] != self.dim:
@@ -177,7 +135,7 @@ class ResidualLFQ(nn.Module, QuantizerContract):
 
 
 @register_quantizer("grlfq")
-class GroupedResidualLFQ(nn.Module, QuantizerContract):
+class GroupedResidualLFQ(GroupedResidual):
     """`groups` ResidualLFQs, each on its own slice of the feature axis.
 
     Indices are (groups, batch, ..., num_quantizers), losses (groups, num_quantizers).
@@ -185,37 +143,14 @@ class GroupedResidualLFQ(nn.Module, QuantizerContract):
     same depth under quantize dropout.
     """
 
-    def __init__(
-        self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: object
-    ) -> None:
-        super().__init__()
-        self.dim = dim
-        self.groups = groups
-        self.accept_image_fmap = accept_image_fmap
-        self.grouped = GroupedResidual.split_evenly(
-            lambda width: ResidualLFQ(dim=width, channel_first=accept_image_fmap, **kwargs),
-            dim,
-            groups,
-            channel_first=accept_image_fmap,
-        )
-        first = self.grouped.groups[0]
-        self.codebook_size: int = first.codebook_size
-        self.num_quantizers = first.num_quantizers
-        self.num_codebooks = groups * self.num_quantizers
+    member = ResidualLFQ
+    member_channel_first = "channel_first"
 
     @property
     def rvqs(self) -> nn.ModuleList:
-        return self.grouped.groups
+        return self.members
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False
     ) -> ResidualLFQOutput | ResidualLFQCodesOutput:
-        return self.grouped(x, mask=mask, return_all_codes=return_all_codes)
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        return self.grouped.get_codes_from_indices(indices)
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        return self.grouped.get_output_from_indices(indices)
-
-    decode_indices = get_output_from_indices  # the contract's name
+        return super().forward(x, mask=mask, return_all_codes=return_all_codes)

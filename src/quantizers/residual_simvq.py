@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from src.quantizers.contract import QuantizerContract
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStack
+from src.quantizers.residual_quantizer import ResidualQuantizer
 from src.quantizers.simvq import SimVQ
 
 
@@ -23,7 +22,7 @@ class ResidualSimVQOutput(NamedTuple):
 
 
 @register_quantizer("rsimvq")
-class ResidualSimVQ(nn.Module, QuantizerContract):
+class ResidualSimVQ(ResidualQuantizer):
     """`num_quantizers` SimVQ layers, each quantizing what the previous ones left over.
 
     Input is channel-last `(batch, ..., dim)`, or `(batch, dim, ...)` with
@@ -54,31 +53,20 @@ class ResidualSimVQ(nn.Module, QuantizerContract):
             )
             for _ in range(num_quantizers)
         ]
-        self.stack = ResidualStack(
+        self.init_stack(
             layers,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
-            owner=type(self).__name__,
         )
-        self.dim = dim
-        self.codebook_size = codebook_size
-        self.num_quantizers = num_quantizers
-        self.num_codebooks = num_quantizers
+        self.init_projections(dim, dim)  # identities: the layers work at the input width
         self.channel_first = channel_first
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.stack.layers
 
     @property
     def codebooks(self) -> Tensor:
         """The layers' searched codebooks, (num_quantizers, codebook_size, dim)."""
         return torch.stack([layer.codebook for layer in self.layers])
-
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
-        return self.stack.draw_num_kept(device)
 
     def forward(self, x: Tensor, *, num_kept: int | None = None) -> ResidualSimVQOutput:
         """Quantize `x`; indices (..., num_quantizers), per-layer losses (num_quantizers,)."""
@@ -91,20 +79,6 @@ class ResidualSimVQ(nn.Module, QuantizerContract):
             out = out.movedim(-1, 1)
         indices = stacked.indices.reshape(*token_shape, self.num_quantizers)
         return ResidualSimVQOutput(out, indices, stacked.losses)
-
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """Per-layer codes (num_quantizers, ..., dim), channel-last; -1 gives zeros."""
-        flat = indices.reshape(1, -1, indices.shape[-1])
-        codes = self.stack.get_codes_from_indices(flat)
-        return codes.reshape(codes.shape[0], *indices.shape[:-1], self.dim)
-
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
-        """Decode indices (..., q <= num_quantizers) into forward's output (eval mode)."""
-        flat = indices.reshape(1, -1, indices.shape[-1])
-        out = self.stack.get_output_from_indices(flat).reshape(*indices.shape[:-1], self.dim)
-        return out.movedim(-1, 1) if self.channel_first else out
-
-    decode_indices = get_output_from_indices  # the contract's name
 
     def _check_input(self, x: Tensor) -> None:
         axis = 1 if self.channel_first else -1

@@ -12,11 +12,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from src.quantizers.communicator import Communicator, Distributable
-from src.quantizers.contract import QuantizerContract
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStack, share_communicator
+from src.quantizers.residual_quantizer import ResidualQuantizer
 from src.quantizers.vector_quantize import VectorQuantize
 
 
@@ -39,7 +37,7 @@ class ResidualVQCodesOutput(NamedTuple):
 
 
 @register_quantizer("rvq")
-class ResidualVQ(Distributable, QuantizerContract):
+class ResidualVQ(ResidualQuantizer):
     """`num_quantizers` VectorQuantize layers on successive residuals, with the guide's API.
 
     Input `(batch, seq, dim)`, or with `accept_image_fmap=True` channel-first
@@ -69,17 +67,10 @@ class ResidualVQ(Distributable, QuantizerContract):
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
         codebook_dim = dim if codebook_dim is None else codebook_dim
-        self.dim = dim
-        self.codebook_dim = codebook_dim
-        self.codebook_size = codebook_size
-        self.num_quantizers = num_quantizers
-        self.num_codebooks = num_quantizers
         self.shared_codebook = shared_codebook
         self.accept_image_fmap = accept_image_fmap
-
-        projected = codebook_dim != dim
-        self.project_in = nn.Linear(dim, codebook_dim) if projected else nn.Identity()
-        self.project_out = nn.Linear(codebook_dim, dim) if projected else nn.Identity()
+        self.channel_first = accept_image_fmap
+        self.init_projections(dim, codebook_dim)
 
         def make_layer() -> VectorQuantize:
             return VectorQuantize(
@@ -87,33 +78,20 @@ class ResidualVQ(Distributable, QuantizerContract):
                 **vq_kwargs,
             )  # fmt: skip
 
-        self.stack = ResidualStack(
+        self.init_stack(
             [make_layer()] if shared_codebook else [make_layer() for _ in range(num_quantizers)],
             depth=num_quantizers if shared_codebook else None,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
+            decode="get_output_from_indices",
             defer_updates=VectorQuantize.pooled_updates if shared_codebook else None,
-            owner=type(self).__name__,
         )
-
-    def set_communicator(self, communicator: Communicator) -> None:
-        """Hand the communicator to the stack and its layers too."""
-        share_communicator(self, communicator)
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        """The VectorQuantize used at each depth (the same object repeated when shared)."""
-        return [self.stack.layer(i) for i in range(self.num_quantizers)]
 
     @property
     def codebooks(self) -> Tensor:
         """(num_quantizers, codebook_size, codebook_dim) float32 codebooks, one per depth."""
         return torch.stack([layer.codebook for layer in self.layers])
-
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
-        """Quantize-dropout depth for this training step, agreed across ranks (None: all)."""
-        return self.stack.draw_num_kept(device)
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -185,23 +163,9 @@ class ResidualVQ(Distributable, QuantizerContract):
         all_codes = stacked.all_codes.reshape(self.num_quantizers, *token_shape, -1)
         return ResidualVQCodesOutput(quantized, indices, loss, all_codes)
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
-        """(Q, *indices.shape[:-1], codebook_dim) codes before project_out; -1 gives zeros.
-
-        Fewer than Q trailing indices are allowed: the missing finer layers count as dropped.
-        """
-        return self.stack.get_codes_from_indices(indices)
-
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        """Decode (..., Q) indices to the eval forward's output, in the input layout."""
-        summed = self.project_out(self.stack.get_output_from_indices(indices))
-        return summed.movedim(-1, 1) if self.accept_image_fmap else summed
-
-    get_output_from_indices = decode_indices  # the reference's name
-
 
 @register_quantizer("grvq")
-class GroupedResidualVQ(GroupedResidual, QuantizerContract):
+class GroupedResidualVQ(GroupedResidual):
     """`groups` ResidualVQs, each over its own `dim // groups` slice of the features.
 
     Indices (groups, batch, seq, Q) and losses (groups, 1, Q); all keywords but `dim`,
@@ -209,39 +173,23 @@ class GroupedResidualVQ(GroupedResidual, QuantizerContract):
     quantize-dropout depth per step.
     """
 
-    def __init__(
-        self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs: Any
-    ) -> None:
-        if groups < 1 or dim % groups != 0:
-            raise ValueError(f"dim={dim} must be divisible by groups={groups}")
-        rvqs = [
-            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-            for _ in range(groups)
-        ]
-        super().__init__(rvqs, dim=dim, split_dim=1 if accept_image_fmap else -1)
-        self.accept_image_fmap = accept_image_fmap
-        self.codebook_size = rvqs[0].codebook_size
-        self.num_quantizers = rvqs[0].num_quantizers
-        self.num_codebooks = groups * self.num_quantizers
+    member = ResidualVQ
+    member_channel_first = "accept_image_fmap"
 
     @property
     def rvqs(self) -> nn.ModuleList:
-        return self.groups
+        return self.members
 
     @property
     def codebooks(self) -> Tensor:
         """(groups, Q, codebook_size, codebook_dim)."""
-        return torch.stack([rvq.codebooks for rvq in self.groups])
+        return torch.stack([rvq.codebooks for rvq in self.members])
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, return_all_codes: bool = False, **kwargs: Any
     ) -> ResidualVQOutput | ResidualVQCodesOutput:
         """quantized like `x`; indices (G, ..., Q); loss (G, 1, Q); all_codes (G, Q, ..., d)."""
         return super().forward(x, mask=mask, return_all_codes=return_all_codes, **kwargs)
-
-    def decode_indices(self, indices: Tensor) -> Tensor:
-        """Decode (G, ..., Q) indices to the eval forward's output, in the input layout."""
-        return self.get_output_from_indices(indices)
 
 
 @register_quantizer("rvq_shared")
