@@ -1,11 +1,13 @@
 # Two commands do all set-up on a fresh machine:
-#   make train   create .venv, install, train the default experiment on embedded real data
-#   make test    create .venv, install, run the test suite (SLOW=1 adds the slow tests)
+#   make train   create .venv, install what training needs, train the default experiment
+#   make test    create .venv, install that plus the dev extras (pytest, ruff, the Optuna
+#                sweeper and SLURM launcher the tests cover), run the suite (SLOW=1 adds slow tests)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 PYTEST_ARGS ?=
 SLOW ?= 0
@@ -23,8 +25,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+# extras: dev (tests, lint), sweep (hparams_search=...), slurm (hydra/launcher=slurm)
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(DEV_STAMP)
 
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
@@ -44,17 +51,17 @@ audio-data:
 train-audio: $(STAMP) audio-data
 	$(PY) train.py experiment=audio_rvq $(ARGS)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(PY) -m pytest $(MARKERS) $(PYTEST_ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from src.utils.config_checks import (
 from src.utils.ddp_multirun import ddp_job_scope
 from src.utils.instantiate import instantiate_callbacks, instantiate_loggers
 from src.utils.launch_rank import is_launch_rank_zero
+from src.utils.optional_stacks import check_optional_stacks
 from src.utils.report import print_config_tree, print_results
 from src.utils.resume import resume_point
 from src.utils.run_controller import (
@@ -137,4 +139,5 @@ def main(cfg: DictConfig) -> Any:
 
 
 if __name__ == "__main__":
+    check_optional_stacks(sys.argv[1:])  # name a missing extra before Hydra composes
     main()

@@ -6,7 +6,10 @@ epoch metric; this callback replaces Lightning's handlers while training runs an
 end of a training step (the point where periodic checkpoints are taken), on every rank at once.
 When a validation is due right after that step, it runs first (Lightning would resume past it)
 and the checkpoint follows at the epoch's end or the next step.
-Works with or without SLURM (`sbatch --signal=B:USR1@120 --requeue`, or a plain `kill -TERM`).
+Works with or without SLURM: `#SBATCH --signal=USR1@120` signals the job steps (`srun python
+train.py ...`) 120 s before the time limit (`B:USR1@120` would signal only the batch shell), the
+job script requeues on exit code 75; or a plain `kill -TERM <pid>`. Under SLURM, train.py turns
+Lightning's own auto-requeue off (src/utils/run_controller.py), so a job is requeued once.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from src.callbacks.divergence import DivergenceStop
@@ -50,10 +51,17 @@ def controller_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
 
 
 def trainer_plugins(cfg: DictConfig) -> dict[str, Any]:
-    """Atomic checkpoint writes, unless the trainer config brings its own plugins."""
+    """Atomic checkpoint writes, unless the trainer config brings its own plugins; under SLURM
+    with our preemption handler on, Lightning's SLURM environment without its auto-requeue."""
     if cfg.trainer.get("plugins"):
         return {}
-    return {"plugins": [AtomicCheckpointIO()]}
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    signals = (cfg.get("preemption") or {}).get("signals", ["SIGTERM", "SIGUSR1"])
+    if signals and SLURMEnvironment.detect():
+        # Lightning would otherwise requeue the job itself on SIGUSR1 while our handler saves
+        # last.ckpt and exits 75 for the job script to requeue it: a job requeued twice
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return {"plugins": plugins}
 
 
 def roll_back_loggers(loggers: list[Logger], step: int) -> None:
