@@ -8,6 +8,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from src.quantizers import aux_loss as quantizer_aux_loss
 from src.quantizers import build_quantizer, quantizer_class, registered_quantizers
 
 
@@ -81,7 +82,6 @@ def quantize_latent_map(quantizer: nn.Module, latents: Tensor) -> QuantizedLaten
     indices = None
     if raw_indices is not None:
         indices = tokens_by_codebook(raw_indices, batch, sequence.shape[1])
-    loss = getattr(output, "loss", None)
-    aux_loss = latents.new_zeros(()) if loss is None else loss.float().sum()
+    aux_loss = quantizer_aux_loss(output)  # the contract's one reading of the losses
     nonfinite = (~torch.isfinite(sequence.detach()).all(dim=-1)).sum()
     return QuantizedLatents(quantized, indices, aux_loss, nonfinite)

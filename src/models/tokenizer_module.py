@@ -28,7 +28,7 @@ class TokenizerModule(VqzooModule):
         """Build the quantizer and one metric set per stage (call after encoder/decoder)."""
         self.quantizer = build_latent_quantizer(config, latent_dim)
         self.codebook_size = int(self.quantizer.codebook_size)
-        self.num_codebooks = int(getattr(self.quantizer, "num_codebooks", 1))
+        self.num_codebooks = int(self.quantizer.num_codebooks)  # the quantizer contract
         self.init_stage_metrics()
 
     def init_stage_metrics(self) -> None:
