@@ -1,5 +1,6 @@
 """The comparison plot: reconstruction quality against codebook utilization (and against
-bitrate when the runs log one), one labelled point per run."""
+bitrate when the runs log one), one labelled point per run; for two-stage runs
+(experiment=mnist_two_stage) also the prior's sample FD against reconstruction PSNR."""
 
 from __future__ import annotations
 
@@ -35,34 +36,49 @@ def comparison_figure(comparison: Comparison, title: str = "") -> Figure:
     ]
     if not panels:
         raise ValueError("no run logged codebook utilization or bitrate: nothing to plot")
-    figure = Figure(figsize=(5.5 * len(panels), 4.2), dpi=110, layout="constrained")
-    for ax, x in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+    fd_points = [
+        (float(row[quality]), float(row["sample_fd"]), label(row))
+        for row in comparison.rows
+        if row.get("sample_fd") is not None and row[quality] is not None
+    ]
+    count = len(panels) + bool(fd_points)
+    figure = Figure(figsize=(5.5 * count, 4.2), dpi=110, layout="constrained")
+    axes = figure.subplots(1, count, squeeze=False)[0]
+    for ax, x in zip(axes, panels, strict=False):
         scale = 100.0 if x == "utilization" else 1.0
         points = [
             (float(row[x]) * scale, float(row[quality]), label(row))
             for row in comparison.rows
             if row.get(x) is not None and row[quality] is not None
         ]
-        xs = [p[0] for p in points]
-        middle = (min(xs) + max(xs)) / 2
-        for px, py, text in points:
-            ax.scatter(px, py, s=36, zorder=3)
-            right_half = px > middle  # labels point inwards so they stay inside the axes
-            ax.annotate(
-                text,
-                (px, py),
-                xytext=(-5 if right_half else 5, 4),
-                textcoords="offset points",
-                ha="right" if right_half else "left",
-                fontsize=8,
-            )
-        ax.set_xlabel(X_AXES[x])
-        ax.set_ylabel(f"{comparison.stage} {QUALITY_AXES[quality]}")
-        ax.grid(alpha=0.3)
-        ax.margins(x=0.15, y=0.15)
+        _scatter(ax, points, X_AXES[x], f"{comparison.stage} {QUALITY_AXES[quality]}")
+    if fd_points:  # what the tokens are worth for generation against how well they reconstruct
+        label_y = "prior sample FD (lower is better)"
+        _scatter(axes[-1], fd_points, f"{comparison.stage} {QUALITY_AXES[quality]}", label_y)
     if title:
         figure.suptitle(title, fontsize=10)
     return figure
+
+
+def _scatter(ax, points: list[tuple[float, float, str]], xlabel: str, ylabel: str) -> None:
+    """One labelled point per run."""
+    xs = [p[0] for p in points]
+    middle = (min(xs) + max(xs)) / 2
+    for px, py, text in points:
+        ax.scatter(px, py, s=36, zorder=3)
+        right_half = px > middle  # labels point inwards so they stay inside the axes
+        ax.annotate(
+            text,
+            (px, py),
+            xytext=(-5 if right_half else 5, 4),
+            textcoords="offset points",
+            ha="right" if right_half else "left",
+            fontsize=8,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
 
 
 def save_comparison_plot(comparison: Comparison, path: Path, title: str = "") -> Path:
