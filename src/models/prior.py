@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 
-from src.models.base_module import STAGES, VqzooModule
+from src.models.base_module import VqzooModule
 from src.models.grok import GrokConfig
 from src.models.prior_metrics import CodeNLL, ExpertUsage, expert_log_values
 from src.models.prior_net import CodeSequenceNet
@@ -31,11 +31,6 @@ from src.prior import make_layout
 
 NLL_NAMES = ("nll", "bits_per_token", "perplexity", "bits_per_sample")
 MOE_NAMES = ("load_balance_loss", "z_loss", "expert_utilization", "router_entropy")
-# filled in by the datamodule when null in the config (CodeDataModule.model_keywords)
-TOKENIZER_KEYS = (
-    "tokenizer_ckpt", "tokenizer_fingerprint", "codebook_sizes", "grid", "num_classes",
-    "modality", "sample_rate",
-)  # fmt: skip
 
 
 def grok_config(net: GrokConfig | dict[str, Any], vocab_size: int) -> GrokConfig:
@@ -192,11 +187,3 @@ class CodePrior(VqzooModule):
         finally:
             self.train(training)
         return self.layout.decode(tokens)
-
-    @property
-    def tokens_per_sample(self) -> int:
-        """Code targets of one sequence (bits_per_sample = this x bits_per_token)."""
-        return int(self.layout.target_mask().sum())
-
-
-__all__ = ["STAGES", "TOKENIZER_KEYS", "CodePrior", "grok_config"]
