@@ -84,19 +84,6 @@ class MultiResolutionSTFTLoss(nn.Module):
         return loss / len(self.transforms)
 
 
-def si_snr(estimate: Tensor, target: Tensor, eps: float = 1e-8) -> Tensor:
-    """Scale-invariant SNR in dB per signal (last axis is time; both made zero-mean first).
-
-    10 log10(|s|^2 / |e - s|^2) with s the projection of the estimate on the target.
-    """
-    estimate = estimate.float() - estimate.float().mean(dim=-1, keepdim=True)
-    target = target.float() - target.float().mean(dim=-1, keepdim=True)
-    scale = (estimate * target).sum(-1, keepdim=True) / (target.pow(2).sum(-1, keepdim=True) + eps)
-    projection = scale * target
-    noise = estimate - projection
-    return 10 * torch.log10((projection.pow(2).sum(-1) + eps) / (noise.pow(2).sum(-1) + eps))
-
-
 def bitrate_kbps(num_codebooks: int, codebook_size: int, frame_rate: float) -> float:
     """Bits per second of the token stream, in kbps: codebooks x log2(size) x frames / s / 1000."""
     return num_codebooks * math.log2(codebook_size) * frame_rate / 1000

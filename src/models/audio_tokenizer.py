@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchaudio.transforms import MelSpectrogram
 from torchmetrics import MeanMetric, Metric
+from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 
 from src.models.audio_losses import (
     LOG_EPS,
     MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
     bitrate_kbps,
-    si_snr,
 )
 from src.models.codes_api import CodesAPI
 from src.models.conv1d import ConvDecoder1d, ConvEncoder1d
@@ -82,7 +82,10 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         self.mel_metric = MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
 
     def make_stage_metrics(self) -> dict[str, Metric]:
-        return {name: MeanMetric() for name in EPOCH_METRICS}
+        metrics: dict[str, Metric] = {name: MeanMetric() for name in EPOCH_METRICS}
+        # scale-invariant SNR per window (zero-mean), averaged over the epoch's windows
+        metrics["si_snr"] = ScaleInvariantSignalNoiseRatio()
+        return metrics
 
     def extra_epoch_values(self, stage: str) -> dict[str, Tensor]:
         return {f"{stage}/bitrate_kbps": torch.tensor(self.bitrate_kbps)}
@@ -141,7 +144,7 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         for name, value in (values | parts).items():
             metrics[name].update(value.detach(), weight=batch)
         detached = reconstructions.detach()
-        metrics["si_snr"].update(si_snr(detached.squeeze(1), waveforms.squeeze(1)))
+        metrics["si_snr"].update(detached.squeeze(1).float(), waveforms.squeeze(1).float())
         metrics["mel_distance"].update(self.mel_distance(detached, waveforms))
         self.update_quantizer_metrics(stage, quantized)
         return {"loss": loss, "inputs": waveforms, "reconstructions": detached}

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
+from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio as si_snr
 
 from src.models.audio_losses import (
     MultiResolutionSTFTLoss,
     MultiScaleMelLoss,
     bitrate_kbps,
-    si_snr,
 )
 
 
@@ -35,6 +36,16 @@ def test_spectral_losses_are_zero_for_identical_signals_and_grow_with_noise(loss
     assert 0 < values[0] < values[1] < values[2]
 
 
+def hand_si_snr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SI-SNR by its definition: 10 log10(|s|^2 / |e - s|^2), s the projection of the
+    zero-mean estimate e on the zero-mean target."""
+    estimate = estimate - estimate.mean(-1, keepdim=True)
+    target = target - target.mean(-1, keepdim=True)
+    projection = (estimate * target).sum(-1, keepdim=True) / target.pow(2).sum(-1, keepdim=True)
+    projection = projection * target
+    return 10 * torch.log10(projection.pow(2).sum(-1) / (estimate - projection).pow(2).sum(-1))
+
+
 def test_si_snr_matches_a_hand_computed_value() -> None:
     target = torch.tensor([1.0, -1.0, 1.0, -1.0])  # zero mean, |s|^2 = 4
     noise = torch.tensor([1.0, 1.0, -1.0, -1.0])  # zero mean, orthogonal to target, |n|^2 = 4
@@ -44,11 +55,25 @@ def test_si_snr_matches_a_hand_computed_value() -> None:
     assert si_snr(7 * estimate + 3, target).item() == pytest.approx(12.0412, abs=1e-3)
 
 
-def test_si_snr_per_signal_of_a_batch() -> None:
+def test_si_snr_per_signal_of_a_batch_equals_the_definition() -> None:
     clean = speechlike(batch=3).squeeze(1)
-    values = si_snr(clean + 0.01 * torch.randn_like(clean), clean)
+    noisy = clean + 0.01 * torch.randn_like(clean)
+    values = si_snr(noisy, clean)
     assert values.shape == (3,)
     assert bool((values > 20).all())
+    torch.testing.assert_close(values, hand_si_snr(noisy.double(), clean.double()).float())
+
+
+def test_epoch_si_snr_metric_is_the_mean_over_windows() -> None:
+    """The tokenizer's metric (torchmetrics' ScaleInvariantSignalNoiseRatio) averages every
+    window of every batch, as the mean of the per-window definition."""
+    metric = ScaleInvariantSignalNoiseRatio()
+    clean = speechlike(batch=5).squeeze(1)
+    noisy = clean + 0.05 * torch.randn_like(clean)
+    metric.update(noisy[:2], clean[:2])
+    metric.update(noisy[2:], clean[2:])
+    expected = hand_si_snr(noisy.double(), clean.double()).mean().float()
+    torch.testing.assert_close(metric.compute(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bitrate_formula_on_known_configs() -> None:
