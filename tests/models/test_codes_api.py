@@ -44,7 +44,7 @@ def test_cases_cover_every_bottleneck_quantizer() -> None:
     assert {c["name"] for c in CASES.values()} == set(bottleneck_quantizers())
 
 
-def tiny_image_tokenizer(quantizer: dict[str, Any], steps: int = 3) -> ImageTokenizer:
+def tiny_image_tokenizer(quantizer: dict[str, Any], steps: int = 2) -> ImageTokenizer:
     """A small ImageTokenizer trained `steps` Adam steps on random 16x16 images (k-means
     seeded codebooks cut to 64 codes: k-means++ over 256+ codes dominates the test's time)."""
     if quantizer.get("kmeans_init"):
