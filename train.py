@@ -35,6 +35,8 @@ from src.utils.run_controller import (
     clear_final_marker,
     controller_callbacks,
     finish_training,
+    logger_configs,
+    restart_step,
     roll_back_loggers,
     trainer_plugins,
 )
@@ -70,10 +72,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks.append(ConfigInCheckpoint(OmegaConf.to_container(cfg, resolve=True)))
     controller = controller_callbacks(cfg, run_dir)
     callbacks.extend(controller)
-    loggers = instantiate_loggers(cfg.get("logger"))
-    if resume is not None or (cfg.get("run_name") and cfg.get("train")):
-        # a named run without a checkpoint starts again at step 0: its old rows are set aside
-        roll_back_loggers(loggers, resume.global_step if resume else 0)
+    # a resumed run sets aside what was logged after its checkpoint; a named run without a
+    # checkpoint starts again at step 0 and sets aside everything logged before
+    step = restart_step(cfg, resume)
+    loggers = instantiate_loggers(logger_configs(cfg.get("logger"), step))
+    if step is not None:
+        roll_back_loggers(loggers, step)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers, **trainer_plugins(cfg)
     )

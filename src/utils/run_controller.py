@@ -12,7 +12,7 @@ from typing import Any
 from lightning import Callback, Trainer
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from src.callbacks.divergence import DivergenceStop
 from src.callbacks.preemption import Preemption
@@ -20,7 +20,7 @@ from src.callbacks.resume_state import ResumeState
 from src.callbacks.throughput import TrainingThroughput
 from src.loggers.resumable_csv import ROLLED_BACK_FILE
 from src.utils.checkpoint_io import AtomicCheckpointIO
-from src.utils.resume import read_checkpoint
+from src.utils.resume import ResumePoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,34 @@ def trainer_plugins(cfg: DictConfig) -> dict[str, Any]:
     return {"plugins": plugins}
 
 
+def restart_step(cfg: DictConfig, resume: ResumePoint | None) -> int | None:
+    """The global step training continues from: the resumed checkpoint's, 0 for a named run
+    that starts again without one, None for a fresh (timestamped) run."""
+    if resume is not None:
+        return resume.global_step
+    return 0 if cfg.get("run_name") and cfg.get("train") else None
+
+
+def logger_configs(config: DictConfig | None, step: int | None) -> DictConfig | None:
+    """The logger group with Lightning's TensorBoardLogger told to purge from `step`
+    (`purge_step`, passed on to TensorBoard's SummaryWriter): events a stopped attempt logged
+    at or after the resumed step are hidden, so one TensorBoard run reads like the CSV."""
+    if config is None or step is None:
+        return config
+    config = config.copy()
+    for entry in config.values():
+        if isinstance(entry, DictConfig) and str(entry.get("_target_", "")).endswith(
+            "TensorBoardLogger"
+        ):
+            with open_dict(entry):
+                entry.purge_step = int(step)
+    return config
+
+
 def roll_back_loggers(loggers: list[Logger], step: int) -> None:
     """Loggers that can set aside what was logged at or after the step training continues
-    from: the CSV logger moves those rows to metrics.rolled_back.csv, TensorBoard purges them.
+    from: the CSV logger moves those rows to metrics.rolled_back.csv (TensorBoard purges them
+    through `logger_configs`).
     Step 0 is a named run starting again without a checkpoint (deleted, or never written):
     everything an earlier attempt logged is set aside, so two trainings never mix in one log."""
     for logger in loggers:
