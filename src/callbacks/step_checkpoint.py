@@ -19,8 +19,13 @@ def validation_follows(trainer: Trainer) -> bool:
     epoch_loop = trainer.fit_loop.epoch_loop
     try:  # the loop's own rule (val_check_interval, epoch ends, limits), private in Lightning
         return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
-    except (AttributeError, TypeError):
-        return bool(epoch_loop.batch_progress.is_last_batch)
+    except (AttributeError, TypeError) as error:  # no silent guess: checkpoints would misplace
+        raise RuntimeError(
+            "src/callbacks/step_checkpoint.py reads Lightning's private "
+            "_TrainingEpochLoop._should_check_val_fx(fit_loop._data_fetcher), which this "
+            f"Lightning version changed ({type(error).__name__}: {error}); see "
+            "tests/test_lightning_internals.py"
+        ) from error
 
 
 class StepCheckpoint(ModelCheckpoint):

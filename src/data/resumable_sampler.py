@@ -8,6 +8,13 @@ says what was consumed: data loaders fetch ahead of the step that saved the chec
 
 It is a `RandomSampler`, so under DDP Lightning swaps it for a `DistributedSampler` (seeded by
 epoch) as it does for any shuffling loader; there, resume is exact at epoch boundaries.
+
+Why it exists: Lightning restores the loops' progress but not a map-style loader's shuffle
+position, so a run resumed mid-epoch skips the done batches of a *different* permutation
+(it only warns "You're resuming from a checkpoint that ended before the epoch ended",
+Lightning-AI/pytorch-lightning#18780; the "random sampler state" item of its fault-tolerance
+plan, #9130, was never done). tests/test_resume.py checks that a run SIGKILLed mid-epoch and
+resumed ends with the uninterrupted run's metrics and per-step CSV.
 """
 
 from __future__ import annotations
