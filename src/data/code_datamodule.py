@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
@@ -71,6 +72,8 @@ class CodeDataModule(SplitImageDataModule):
         self.tokenizer_ckpt = path
         self.use_labels = bool(labels)
         self.codes_dir = Path(codes_dir).expanduser() if codes_dir else default_code_dir(path)
+        if isinstance(data, DictConfig):  # handed over unbuilt (the config's _recursive_: false)
+            data = OmegaConf.to_container(data, resolve=True)
         self.data_config = dict(data) if data else None
         self.tokenize_batch_size = int(tokenize_batch_size)
         self.cache: CodeCache | None = None
