@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +18,16 @@ from src.utils.run_name import register_resolvers
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = str(ROOT / "configs")
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """Give every test the process's intra-op thread count back: a test that sets one thread and
+    leaves it so makes later in-process runs reduce in another order than their subprocess twins
+    (test_resume's SIGKILL case then differed from its reference in the 4th digit)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def compose_config(
