@@ -16,11 +16,15 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+# run as a script, Python puts scripts/ first on sys.path, where scripts/tokenize.py would
+# shadow the standard library's tokenize (imported by torch through linecache)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "scripts"]
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
 
-from scripts.bench_common import Case, bench_case, markdown_table
+from scripts.bench_common import Case, bench_case, markdown_table  # noqa: E402
 
 CASE_MODULES = ("scripts.bench_cases_vq", "scripts.bench_cases_scalar")
 
