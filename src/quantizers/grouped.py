@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.contract import QuantizerContract
+from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.residual import share_communicator
 
 
@@ -68,6 +69,7 @@ class GroupedResidual(Distributable, QuantizerContract):
         self.num_quantizers = int(first.num_quantizers)
         self.num_codebooks = groups * int(first.num_codebooks)
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
+        register_reference_keys(self)  # and the reference library's `rvqs.<g>.` keys
 
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to every group too, even without `install_communicator`."""

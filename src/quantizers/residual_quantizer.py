@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.contract import QuantizerContract
+from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.residual import DeferUpdates, ResidualStack, share_communicator
 
 
@@ -61,6 +62,7 @@ class ResidualQuantizer(Distributable, QuantizerContract):
         self.num_quantizers = self.stack.depth
         self.num_codebooks = self.stack.depth
         self.codebook_size: int = int(self.stack.layer(0).codebook_size)
+        register_reference_keys(self)  # load_state_dict takes the reference library's keys
 
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to the stack and its layers too."""

@@ -30,6 +30,7 @@ from src.quantizers.kernels import (
     unit_rows,
     unit_rows_and_scale,
 )
+from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vq_state import CodebookState
 
@@ -147,6 +148,7 @@ class VectorQuantize(CodebookState, QuantizerContract):
         projected = inner != dim
         self.project_in = nn.Linear(dim, inner) if projected else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if projected else nn.Identity()
+        register_reference_keys(self)  # load_state_dict takes the reference library's keys
 
     # ---- layout ---------------------------------------------------------------------------
 

@@ -1,0 +1,161 @@
+"""Checkpoints of the reference library (vector-quantize-pytorch) load into our quantizers.
+
+Each case builds the reference class, moves its state off the initialisation (parameters
+nudged, two training steps so EMA buffers and k-means state change), saves the state dict
+and loads it into ours (`load_state_dict` directly where the class registers the reference
+keys hook, else `load_reference_state_dict`). In eval mode both must then give the same
+output (to 1e-5) and the same indices on random inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import vector_quantize_pytorch as reference
+
+import src.quantizers as ours
+from src.quantizers.reference_checkpoint import (
+    convert_reference_state_dict,
+    load_reference_state_dict,
+)
+
+SEQ = (2, 10, 16)
+IMAGE = (2, 16, 4, 4)
+
+# (class, keywords, input shape, loads through plain load_state_dict)
+CASES = [
+    ("VectorQuantize", {"codebook_size": 32}, SEQ, True),
+    ("VectorQuantize", {"codebook_size": 32, "codebook_dim": 4}, SEQ, True),
+    ("VectorQuantize", {"codebook_size": 32, "use_cosine_sim": True}, SEQ, True),
+    ("VectorQuantize", {"codebook_size": 32, "kmeans_init": True}, SEQ, True),
+    ("VectorQuantize", {"codebook_size": 32, "threshold_ema_dead_code": 2}, SEQ, True),
+    ("VectorQuantize", {"codebook_size": 32, "codebook_dim": 4, "heads": 2}, SEQ, True),
+    (
+        "VectorQuantize",
+        {"codebook_size": 32, "codebook_dim": 4, "heads": 2, "separate_codebook_per_head": True},
+        SEQ,
+        True,
+    ),
+    ("VectorQuantize", {"codebook_size": 32, "accept_image_fmap": True}, IMAGE, True),
+    (
+        "VectorQuantize",
+        {"codebook_size": 32, "learnable_codebook": True, "ema_update": False},
+        SEQ,
+        True,
+    ),
+    ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3}, SEQ, True),
+    ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3, "codebook_dim": 8}, SEQ, True),
+    ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3, "shared_codebook": True}, SEQ, True),
+    ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3, "use_cosine_sim": True}, SEQ, True),
+    ("GroupedResidualVQ", {"codebook_size": 32, "num_quantizers": 2, "groups": 2}, SEQ, True),
+    ("FSQ", {"levels": [8, 5, 5]}, SEQ, True),
+    ("LFQ", {"codebook_size": 256}, SEQ, False),
+    ("LFQ", {"codebook_size": 16, "num_codebooks": 2}, SEQ, False),
+    ("ResidualLFQ", {"codebook_size": 256, "num_quantizers": 2}, SEQ, True),
+    ("GroupedResidualLFQ", {"codebook_size": 256, "num_quantizers": 2, "groups": 2}, SEQ, True),
+    ("SimVQ", {"codebook_size": 32}, SEQ, True),
+    ("ResidualSimVQ", {"codebook_size": 32, "num_quantizers": 2}, SEQ, True),
+    ("ResidualFSQ", {"levels": [8, 5, 5], "num_quantizers": 2}, SEQ, True),
+    ("GroupedResidualFSQ", {"levels": [8, 5, 5], "num_quantizers": 2, "groups": 2}, SEQ, True),
+    ("LatentQuantize", {"levels": [5, 5, 5], "codebook_dim": 3}, IMAGE, False),
+]
+
+# Differences found by this test in classes another helper is changing (see the
+# h17_requests note); strict, so a fix makes these cases fail until they are unmarked.
+KNOWN_DIFFERENT = {
+    "ResidualFSQ": "ResidualFSQ's eval output differs from the reference's (being fixed)",
+    "GroupedResidualFSQ": "ResidualFSQ's eval output differs from the reference's (being fixed)",
+    "LatentQuantize": "LatentQuantize numbers its codes differently (being fixed)",
+}
+
+
+def _case_id(case: tuple) -> str:
+    name, kwargs, _, _ = case
+    return name + "-" + "-".join(f"{k}={v}" for k, v in kwargs.items())
+
+
+def _trained_reference(name: str, kwargs: dict, shape: tuple[int, ...]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = getattr(reference, name)(dim=16, **kwargs)
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(0.01 * torch.randn_like(parameter))
+        module.train()
+        for _ in range(2):
+            module(torch.randn(*shape))
+    return module.eval()
+
+
+def _params() -> list:
+    marks = {n: pytest.mark.xfail(reason=r, strict=True) for n, r in KNOWN_DIFFERENT.items()}
+    return [
+        pytest.param(c, id=_case_id(c), marks=[marks[c[0]]] if c[0] in marks else []) for c in CASES
+    ]
+
+
+@pytest.mark.parametrize("case", _params())
+def test_reference_state_dict_loads_and_eval_outputs_match(case: tuple) -> None:
+    name, kwargs, shape, through_hook = case
+    ref = _trained_reference(name, kwargs, shape)
+    state = ref.state_dict()
+    mine = getattr(ours, name)(dim=16, **kwargs)
+    load = mine.load_state_dict if through_hook else lambda s: load_reference_state_dict(mine, s)
+    result = load(state)
+    assert not result.missing_keys and not result.unexpected_keys
+    mine.eval()
+    for seed in range(3):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = ref(x)
+            got = mine(x)
+        torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-5)
+        assert torch.equal(got[1].long(), expected[1].long())
+
+
+def test_conversion_is_idempotent_and_leaves_our_own_keys_alone() -> None:
+    ref = _trained_reference("ResidualVQ", {"codebook_size": 32, "num_quantizers": 2}, SEQ)
+    mine = ours.ResidualVQ(dim=16, codebook_size=32, num_quantizers=2)
+    once = convert_reference_state_dict(mine, ref.state_dict())
+    assert set(once) == set(mine.state_dict())
+    twice = convert_reference_state_dict(mine, once)
+    assert set(twice) == set(once)
+    assert all(torch.equal(once[k], twice[k]) for k in once)
+    own = mine.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in convert_reference_state_dict(mine, own).items())
+
+
+def test_shared_codebook_keeps_one_copy_and_rejects_a_mismatched_shape() -> None:
+    kwargs = {"codebook_size": 32, "num_quantizers": 3, "shared_codebook": True}
+    ref = _trained_reference("ResidualVQ", kwargs, SEQ)
+    mine = ours.ResidualVQ(dim=16, **kwargs)
+    mine.load_state_dict(ref.state_dict())
+    torch.testing.assert_close(mine.stack.layers[0].embed, ref.layers[0]._codebook.embed[0])
+    wrong = ours.ResidualVQ(dim=16, codebook_size=16, num_quantizers=3, shared_codebook=True)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        wrong.load_state_dict(ref.state_dict())
+
+
+def test_image_maps_through_residual_vq_where_the_reference_raises() -> None:
+    """Reference bug (1.32.0): ResidualVQ(accept_image_fmap=True) fails in forward (it
+    concatenates (b, d, h, w) residuals along the wrong axis). Ours quantizes the map as the
+    reference's sequence model quantizes the flattened tokens, from the same checkpoint."""
+    kwargs = {"codebook_size": 32, "num_quantizers": 2}
+    broken = reference.ResidualVQ(dim=16, accept_image_fmap=True, **kwargs).eval()
+    with pytest.raises(RuntimeError):
+        broken(torch.randn(*IMAGE))
+    ref = _trained_reference("ResidualVQ", kwargs, SEQ)
+    mine = ours.ResidualVQ(dim=16, accept_image_fmap=True, **kwargs)
+    mine.load_state_dict(ref.state_dict())
+    mine.eval()
+    x = torch.randn(*IMAGE)
+    tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, d)
+    with torch.no_grad():
+        expected, expected_idx, _ = ref(tokens)
+        got, got_idx, _ = mine(x)
+    torch.testing.assert_close(got.flatten(2).transpose(1, 2), expected, rtol=0, atol=1e-5)
+    assert torch.equal(got_idx.flatten(1, 2), expected_idx)
