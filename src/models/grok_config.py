@@ -36,7 +36,9 @@ class GrokConfig:
     router_z_loss_coef: float = 0.001  # weight of the ST-MoE router z-loss
     initializer_range: float = 0.02  # std of the normal init of the projections
     attn_query_chunk: int = 512  # queries per block once T exceeds it (bounds score memory)
-    moe_backend: str = "auto"  # "auto" (grouped_mm where it runs), "grouped_mm" or "loop"
+    # "auto": grouped_mm on GPUs and under torch.compile, per-expert segments on CPU (faster
+    # there, grok_grouped.py); or force "grouped_mm" / "loop" (the segments)
+    moe_backend: str = "auto"
 
     def __post_init__(self) -> None:
         problems = []

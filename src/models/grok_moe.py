@@ -6,9 +6,10 @@ over all experts, top-k, kept weights renormalised to sum to 1. Each expert is
 
 Dispatch without a per-expert scan of every token: the (token, slot) assignments are sorted
 by expert, the tokens gathered into one expert-contiguous matrix, each projection is one
-grouped matmul over the expert segments (grok_grouped.py: `torch._grouped_mm`, or a loop
-over the E contiguous segments where that does not run, e.g. float64), and the weighted rows
-are added back to their tokens with `index_add_`. No capacity limit: every token reaches its
+grouped matmul over the expert segments (grok_grouped.py: `torch._grouped_mm` on GPUs and
+under torch.compile; on CPU a loop running the whole expert FFN per contiguous segment,
+which keeps each segment's activations in cache), and the weighted rows are added back to
+their tokens with `index_add_`. No capacity limit: every token reaches its
 k experts. The router gets gradients through the kept (renormalised) top-k weights and, in training,
 through the load-balancing loss.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.models.grok_config import GrokConfig
-from src.models.grok_grouped import grouped_linear
+from src.models.grok_grouped import expert_ffn
 from src.models.grok_ops import soft_cap
 
 
@@ -104,10 +105,7 @@ class GrokMoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         xs = x[token].to(dtype)
-        gate_up = grouped_linear(xs, self.w_in.to(dtype), counts, self.backend)
-        gate, up = gate_up.chunk(2, dim=-1)  # split's backward is one cat; slices' zero-fill
-        hidden = F.gelu(gate) * up
-        ys = grouped_linear(hidden, self.w_out.to(dtype), counts, self.backend)
+        ys = expert_ffn(xs, self.w_in.to(dtype), self.w_out.to(dtype), counts, self.backend)
         weighted = ys.to(routing.weights.dtype) * routing.weights.reshape(-1)[order, None]
         out = torch.zeros(x.shape, dtype=weighted.dtype, device=x.device)
         out.index_add_(0, token, weighted)

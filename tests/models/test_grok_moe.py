@@ -156,3 +156,18 @@ def test_grouped_mm_backend_refuses_float64_with_a_clear_error() -> None:
 def test_config_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
         GrokConfig(num_attention_heads=6, num_key_value_heads=4)
+
+
+def test_auto_backend_runs_segments_on_cpu_and_grouped_mm_under_compile(monkeypatch) -> None:
+    """auto: per-expert segments in eager CPU (faster there, docs/benchmarks.md), the grouped
+    custom ops while torch.compile traces (no data-dependent loop); loop / grouped_mm force."""
+    from src.models import grok_grouped
+
+    xs, w_in, w_out = torch.randn(8, 32), torch.randn(4, 64, 32), torch.randn(4, 32, 32)
+    assert not grok_grouped.use_grouped(xs, w_in, w_out, "auto")
+    assert grok_grouped.use_grouped(xs, w_in, w_out, "grouped_mm")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert grok_grouped.use_grouped(xs, w_in, w_out, "auto")
+    assert not grok_grouped.use_grouped(xs, w_in, w_out, "loop")
+    # where the kernel does not run (float64) auto falls back to the segments
+    assert not grok_grouped.use_grouped(xs.double(), w_in.double(), w_out.double(), "auto")
