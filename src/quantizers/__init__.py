@@ -1,5 +1,6 @@
 """The quantizer zoo: plain nn.Modules with the reference library's API, built by name."""
 
+from src.quantizers.binary_mapper import BinaryMapper, BinaryMapperOutput, BinaryMapperQuantizer
 from src.quantizers.communicator import Communicator, SingleProcess, install_communicator
 from src.quantizers.contract import (
     MASKED,
@@ -13,8 +14,11 @@ from src.quantizers.contract import (
     index_slots,
     slots_to_indices,
 )
+from src.quantizers.evo_lfq import EvoLFQ, EvoLFQOutput
 from src.quantizers.external import ExternalOutput, ExternalQuantizer
+from src.quantizers.fsp import FSP, FSPOutput
 from src.quantizers.fsq import FSQ, FSQOutput
+from src.quantizers.hierarchical_vq import HierarchicalVQ, HierarchicalVQOutput
 from src.quantizers.latent_quantize import LatentQuantize, LatentQuantizeOutput
 from src.quantizers.lfq import BSQ, LFQ, LFQOutput
 from src.quantizers.random_projection import RandomProjectionQuantizer
@@ -36,21 +40,31 @@ from src.quantizers.residual_vq import (
     ResidualVQOutput,
     SharedResidualVQ,
 )
+from src.quantizers.sequential import Sequential
 from src.quantizers.simvq import SimVQ, SimVQOutput
 from src.quantizers.vector_quantize import VectorQuantize, VQOutput
 
 __all__ = [
     "BSQ",
+    "FSP",
     "FSQ",
     "LFQ",
     "MASKED",
+    "BinaryMapper",
+    "BinaryMapperOutput",
+    "BinaryMapperQuantizer",
     "Communicator",
+    "EvoLFQ",
+    "EvoLFQOutput",
     "ExternalOutput",
     "ExternalQuantizer",
+    "FSPOutput",
     "FSQOutput",
     "GroupedResidualFSQ",
     "GroupedResidualLFQ",
     "GroupedResidualVQ",
+    "HierarchicalVQ",
+    "HierarchicalVQOutput",
     "IndexLayout",
     "IndexRangeError",
     "LFQOutput",
@@ -69,6 +83,7 @@ __all__ = [
     "ResidualVQ",
     "ResidualVQCodesOutput",
     "ResidualVQOutput",
+    "Sequential",
     "SharedResidualVQ",
     "SimVQ",
     "SimVQOutput",
