@@ -73,6 +73,8 @@ def test_compare_turns_the_multirun_into_a_table_and_a_plot(sweep: Path) -> None
         experiment = EXPERIMENTS[row["run"]][0]
         assert row["overrides"] == f"experiment={experiment}"  # the shared ones are left out
         assert float(row["psnr"]) == last_logged(logged, "test/psnr")
+        assert float(row["ssim"]) == last_logged(logged, "test/ssim")  # image tokenizers log it
+        assert 0 < float(row["ssim"]) <= 1
         for name in CODEBOOK:
             assert float(row[name]) == last_logged(logged, f"test/codebook/{name}")
         assert row["bitrate_kbps"] == ""  # image tokenizers log no bitrate: blank, not 0
@@ -85,6 +87,8 @@ def test_compare_turns_the_multirun_into_a_table_and_a_plot(sweep: Path) -> None
     markdown = (sweep / "comparison.md").read_text().splitlines()
     table = [line for line in markdown if line.startswith("| ")]
     assert len(table) == 2 + len(rows)  # header, rule, one line per run
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header.index("ssim") == header.index("psnr") + 1  # quality side by side
     with Image.open(sweep / "comparison.png") as image:
         assert image.format == "PNG" and image.width > 400 and image.height > 300
         pixels = np.asarray(image.convert("L"))

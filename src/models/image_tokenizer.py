@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.image import PeakSignalNoiseRatio
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from src.models.codes_api import CodesAPI
 from src.models.conv2d import ConvDecoder2d, ConvEncoder2d
@@ -16,10 +16,26 @@ from src.models.quantizer_adapter import QuantizedLatents, quantize_latent_map
 from src.models.tokenizer_module import TokenizerModule
 
 RECON_LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss}
+# SSIM costs a Gaussian filter pass per image, so only the evaluation stages compute it
+SSIM_STAGES = ("val", "test")
+
+
+def per_image_psnr() -> PeakSignalNoiseRatio:
+    """PSNR (dB, images in [0, 1]) of each image, averaged over the epoch's images: the number
+    papers report. `dim=(1, 2, 3)` keeps one squared-error sum per image (list states that
+    torchmetrics concatenates over ranks); `dim=None` would pool the error of the whole epoch."""
+    return PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3), reduction="elementwise_mean")
+
+
+def per_image_ssim() -> StructuralSimilarityIndexMeasure:
+    """SSIM (Gaussian 11x11 window, sigma 1.5) of each image, averaged over the epoch's images
+    (sum and count states, summed over ranks)."""
+    return StructuralSimilarityIndexMeasure(data_range=1.0, reduction="elementwise_mean")
 
 
 class ImageTokenizer(CodesAPI, TokenizerModule):
-    """Learns discrete tokens for images in [0, 1]; logs PSNR and codebook usage per epoch.
+    """Learns discrete tokens for images in [0, 1]; logs per epoch the mean per-image PSNR
+    (`<stage>/psnr`), the mean SSIM (`val/ssim`, `test/ssim`) and codebook usage.
     Codes API (src/models/codes_api.py): codes (B, h, w, Q), decoded images clamped to [0, 1].
     """
 
@@ -59,8 +75,13 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
             "loss": MeanMetric(),
             "recon_loss": MeanMetric(),
             "quantizer_loss": MeanMetric(),
-            "psnr": PeakSignalNoiseRatio(data_range=1.0),
+            "psnr": per_image_psnr(),
         }
+
+    def init_stage_metrics(self) -> None:
+        super().init_stage_metrics()
+        for stage in SSIM_STAGES:
+            self.metrics_for(stage)["ssim"] = per_image_ssim()
 
     def check_images(self, images: Tensor) -> None:
         """Fail with the expected layout instead of a shape error deep inside a convolution."""
@@ -110,5 +131,7 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
         metrics["quantizer_loss"].update(quantized.aux_loss.detach(), weight=batch)
         clamped = reconstructions.detach().float().clamp(0, 1)
         metrics["psnr"].update(clamped, images.float())
+        if "ssim" in metrics:
+            metrics["ssim"].update(clamped, images.float())
         self.update_quantizer_metrics(stage, quantized)
         return {"loss": loss, "inputs": images, "reconstructions": clamped}
