@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from src.quantizers.contract import QuantizerContract, check_index_range
 from src.quantizers.float_input import check_float_input, like_input, project
+from src.quantizers.kernels import straight_through
 from src.quantizers.registry import register_quantizer
 
 _MAX_INDEXABLE = 2**63  # indices are int64: the largest index prod(levels) - 1 must fit
@@ -74,11 +75,16 @@ class FSQ(nn.Module, QuantizerContract):
         dim: int | None = None,
         num_codebooks: int = 1,
         keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
         channel_first: bool = False,
         projection_has_bias: bool = True,
         return_indices: bool = True,
         force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
         noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
     ) -> None:
         super().__init__()
         levels = [int(level) for level in levels]
@@ -101,6 +107,14 @@ class FSQ(nn.Module, QuantizerContract):
         self.return_indices = return_indices
         self.force_quantization_f32 = force_quantization_f32
         self.noise_dropout = noise_dropout
+        self.scale = scale  # accepted and kept, as in the reference (which does not use it)
+        self.allowed_dtypes = tuple(allowed_dtypes)
+        self.preserve_symmetry = preserve_symmetry
+        self.bound_hard_clamp = bound_hard_clamp
+        self.orthogonal_rotation = orthogonal_rotation
+        if orthogonal_rotation:  # persistent, as the reference's: a random draw to keep
+            rotation = nn.init.orthogonal_(torch.empty(len(levels), len(levels)))
+            self.register_buffer("orthogonal_rot", rotation)
         self.codebook_size: int = math.prod(levels)
         if return_indices and self.codebook_size > _MAX_INDEXABLE:
             raise ValueError(
@@ -143,12 +157,17 @@ class FSQ(nn.Module, QuantizerContract):
             self._basis = None
 
     def bound(self, z: Tensor) -> Tensor:
-        """Squash `z` so that rounding gives exactly `L` integer values per channel."""
+        """Squash `z` so that rounding gives exactly `L` integer values per channel (tanh, or
+        a clamp to [-1, 1] with `bound_hard_clamp`)."""
         shift, half_l, offset = (b.to(z.dtype) for b in (self._shift, self._half_l, self._offset))
+        if self.bound_hard_clamp:
+            return (z + offset / half_l).clamp(-1.0, 1.0) * half_l - offset
         return torch.tanh(z + shift) * half_l - offset
 
     def _quantize(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         """Codes in [-1, 1] of `z` (..., codebook_dim) and their int64 indices (...)."""
+        if self.preserve_symmetry or self.bound_hard_clamp:
+            return self._quantize_variant(z)
         half_width = self._half_width.to(z.dtype)
         shift, half_l, offset = (b.to(z.dtype) for b in (self._shift, self._half_l, self._offset))
         codes, rounded = _RoundBounded.apply(
@@ -165,6 +184,34 @@ class FSQ(nn.Module, QuantizerContract):
         # a non-finite token (NaN, inf) has no code: -1, not the cast of NaN (INT64_MIN)
         return codes, indices.masked_fill_(~torch.isfinite(z).all(dim=-1), -1)
 
+    def _quantize_variant(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`_quantize` with the reference's `bound_hard_clamp` (clamp to [-1, 1] in place of
+        tanh) and/or `preserve_symmetry` (levels 2k/(L-1) - 1, symmetric about 0, arXiv
+        2411.19842 section 3.2): straight-through gradients, codes exactly the grid values."""
+        levels = self._levels.to(z.dtype)
+        squash = (lambda t: t.clamp(-1.0, 1.0)) if self.bound_hard_clamp else torch.tanh
+        if self.preserve_symmetry:
+            step = 2.0 / (levels - 1)
+            unrounded = (levels - 1) * (squash(z) + 1) / 2 + 0.5
+            digits = unrounded.detach().floor()
+            soft, codes = unrounded * step - 1.0, digits * step - 1.0
+        else:
+            half_l, offset = self._half_l.to(z.dtype), self._offset.to(z.dtype)
+            step = 1.0 / self._half_width.to(z.dtype)
+            shift = offset / half_l if self.bound_hard_clamp else self._shift.to(z.dtype)
+            bounded = squash(z + shift) * half_l - offset
+            rounded = bounded.detach().round()
+            digits = rounded + self._half_width.to(z.dtype)
+            soft, codes = bounded * step, rounded * step
+        codes = straight_through(soft, codes)
+        noise = self._rounding_noise(z)
+        if noise is not None:  # one step of uniform noise in place of the rounding
+            codes = (codes + torch.nan_to_num(noise, nan=0.0) * step).clamp(-1.0, 1.0)
+        if not self.return_indices:
+            return codes, None
+        indices = (digits.long() * self._basis).sum(dim=-1)
+        return codes, indices.masked_fill_(~torch.isfinite(z).all(dim=-1), -1)
+
     def _rounding_noise(self, z: Tensor) -> Tensor | None:
         """In training, uniform noise of one level's width in place of the rounding of a
         `noise_dropout` fraction of elements (NaN marks the rounded ones), else None."""
@@ -177,6 +224,9 @@ class FSQ(nn.Module, QuantizerContract):
     def codes_to_indices(self, zhat: Tensor) -> Tensor:
         """Int64 index of each code `zhat` (..., len(levels)) in [-1, 1] (mixed radix)."""
         self._check_indexable()
+        if self.preserve_symmetry:
+            digits = ((zhat.float() + 1.0) * (self._levels - 1) / 2.0).round().long()
+            return (digits * self._basis).sum(dim=-1)
         digits = (zhat.float() * self._half_width + self._half_width).round().long()
         return (digits * self._basis).sum(dim=-1)
 
@@ -184,6 +234,8 @@ class FSQ(nn.Module, QuantizerContract):
         """Codes in [-1, 1] (..., len(levels)) of int indices (...)."""
         self._check_indexable()
         digits = (indices.long().unsqueeze(-1) // self._basis) % self._levels
+        if self.preserve_symmetry:
+            return digits.float() * (2.0 / (self._levels - 1).float()) - 1.0
         return (digits.float() - self._half_width) / self._half_width
 
     def indices_to_codes(self, indices: Tensor) -> Tensor:
@@ -199,10 +251,16 @@ class FSQ(nn.Module, QuantizerContract):
         else:
             indices = indices.unsqueeze(-1)
         check_index_range(indices, self.codebook_size, self, allow_masked=True)
-        codes = self._indices_to_level_codes(indices.clamp_min(0)).flatten(-2)
+        codes = self._rotate_back(self._indices_to_level_codes(indices.clamp_min(0))).flatten(-2)
         codes = self.project_out(codes.to(self._project_dtype()))
         codes = codes.masked_fill((indices < 0).any(-1, keepdim=True), 0.0)
         return codes.movedim(-1, 1) if self.channel_first else codes
+
+    def _rotate_back(self, codes: Tensor) -> Tensor:
+        """Codes (..., len(levels)) out of the rotated frame (`orthogonal_rotation`)."""
+        if not self.orthogonal_rotation:
+            return codes
+        return codes @ self.orthogonal_rot.to(codes.dtype).t()
 
     decode_indices = indices_to_codes  # the contract's name (src/quantizers/contract.py)
 
@@ -225,9 +283,12 @@ class FSQ(nn.Module, QuantizerContract):
 
         f32 = self.force_quantization_f32
         with torch.autocast(z.device.type, enabled=False) if f32 else nullcontext():
-            if f32 and z.dtype not in (torch.float32, torch.float64):
+            if f32 and z.dtype not in self.allowed_dtypes:
                 z = z.float()
+            if self.orthogonal_rotation:
+                z = z @ self.orthogonal_rot.to(z.dtype)
             codes, indices = self._quantize(z)
+            codes = self._rotate_back(codes)
         codes = codes.flatten(-2).to(orig_dtype)
 
         out = like_input(project(self.project_out, codes), given)

@@ -12,6 +12,7 @@ stays exact however far training has moved the values.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.kernels import straight_through
+from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.registry import register_quantizer
 
 _MAX_INDEXABLE = 2**63
@@ -33,22 +36,27 @@ class LatentQuantizeOutput(NamedTuple):
     loss: Tensor
 
 
-def _resolve_levels(levels: list[int] | int, codebook_dim: int, dim: int | None, books: int):
-    """Levels as a list: an int is repeated `codebook_dim` times (or dim // num_codebooks)."""
+class LevelsError(ValueError, RuntimeError):
+    """Bad `levels` / `codebook_dim`. Also a RuntimeError: the reference library refuses an
+    int `levels` without `codebook_dim` with one (torch's repeat(-1)), and code catching that
+    keeps working."""
+
+
+def _resolve_levels(levels: list[int] | int, codebook_dim: int):
+    """Levels as a list: an int is repeated `codebook_dim` times."""
     if isinstance(levels, int):
         if codebook_dim <= 0:
-            if dim is None or dim % books:
-                raise ValueError(
-                    "LatentQuantize with an int `levels` needs codebook_dim > 0, or a dim "
-                    f"divisible by num_codebooks={books}; got dim={dim}"
-                )
-            codebook_dim = dim // books
+            raise LevelsError(
+                f"LatentQuantize with an int `levels` ({levels}) needs codebook_dim > 0, the "
+                f"number of latent dimensions it applies to (e.g. codebook_dim=3), or a list "
+                f"of levels; got codebook_dim={codebook_dim}"
+            )
         levels = [levels] * codebook_dim
     levels = [int(level) for level in levels]
     if not levels or min(levels) < 2:
-        raise ValueError(f"LatentQuantize levels must be ints >= 2; got {levels}")
+        raise LevelsError(f"LatentQuantize levels must be ints >= 2; got {levels}")
     if codebook_dim > 0 and codebook_dim != len(levels):
-        raise ValueError(f"codebook_dim={codebook_dim} disagrees with len(levels)={len(levels)}")
+        raise LevelsError(f"codebook_dim={codebook_dim} disagrees with len(levels)={len(levels)}")
     return levels
 
 
@@ -60,8 +68,13 @@ class LatentQuantize(nn.Module, QuantizerContract):
     channel-first image or video map `(batch, dim, ...)`. The features are projected to
     `num_codebooks * len(levels)` channels when `dim` differs, split into `num_codebooks`
     groups sharing the same value sets, and projected back. `optimize_values=False` keeps the
-    initial evenly spaced values fixed. (The reference's `in_place_codebook_optimizer` is not
-    supported: the values train with the model's own optimizer.)
+    initial evenly spaced values fixed. `in_place_codebook_optimizer` (a callable taking the
+    values' parameter list and returning an optimizer) trains the values inside each training
+    forward instead: one step on the quantization loss, then the tokens are quantized with
+    the updated values, and the returned loss is the commitment loss alone (the values get
+    no gradient from it). The reference builds that optimizer but only steps it when
+    `optimize_values=False`, where the values are not parameters and the call fails; here it
+    needs `optimize_values=True` and is refused otherwise.
     """
 
     def __init__(
@@ -74,11 +87,12 @@ class LatentQuantize(nn.Module, QuantizerContract):
         codebook_dim: int = -1,
         keep_num_codebooks_dim: bool | None = None,
         optimize_values: bool = True,
+        in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
     ) -> None:
         super().__init__()
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1; got {num_codebooks}")
-        levels = _resolve_levels(levels, codebook_dim, dim, num_codebooks)
+        levels = _resolve_levels(levels, codebook_dim)
         if keep_num_codebooks_dim is None:
             keep_num_codebooks_dim = num_codebooks > 1
         if num_codebooks > 1 and not keep_num_codebooks_dim:
@@ -104,8 +118,15 @@ class LatentQuantize(nn.Module, QuantizerContract):
         values = torch.zeros(self.codebook_dim, width)
         for d, level in enumerate(levels):
             values[d, :level] = torch.linspace(-1.0, 1.0, level)
+        if in_place_codebook_optimizer is not None and not optimize_values:
+            raise ValueError(
+                "in_place_codebook_optimizer trains the values: it needs optimize_values=True"
+            )
+        self.in_place_codebook_optimizer: torch.optim.Optimizer | None = None
         if optimize_values:
             self.values = nn.Parameter(values)
+            if in_place_codebook_optimizer is not None:
+                self.in_place_codebook_optimizer = in_place_codebook_optimizer([self.values])
         else:
             self.register_buffer("values", values)
         padding = torch.arange(width) >= torch.tensor(levels).unsqueeze(-1)
@@ -114,6 +135,7 @@ class LatentQuantize(nn.Module, QuantizerContract):
         basis = [math.prod(levels[:d]) for d in range(len(levels))]
         self.register_buffer("_basis", torch.tensor(basis), persistent=False)
         self.register_buffer("_row_offset", torch.arange(len(levels)) * width, persistent=False)
+        register_reference_keys(self)  # the reference library's checkpoints load too
 
     @property
     def values_per_latent(self) -> list[Tensor]:
@@ -130,20 +152,43 @@ class LatentQuantize(nn.Module, QuantizerContract):
         digits = dist.masked_fill(self._padding, torch.inf).argmin(dim=-1)
         return self._digits_to_values(digits), (digits * self._basis).sum(dim=-1)
 
+    def _step_values(self, z: Tensor) -> None:
+        """One step of the in-place optimizer on the quantization loss of the finite tokens."""
+        optimizer = self.in_place_codebook_optimizer
+        assert optimizer is not None
+        target = z.detach()
+        finite = torch.isfinite(target).all(-1, keepdim=True)
+        target = torch.where(finite, target, 0.0)
+        with torch.enable_grad():
+            q, _ = self._quantize(target)
+            error = (q - target).square() * finite
+            count = (finite.sum() * self.codebook_dim).clamp_min(1)
+            loss = self.quantization_loss_weight * error.sum() / count
+            (grad,) = torch.autograd.grad(loss, [self.values])
+        self.values.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
     def forward(self, x: Tensor) -> LatentQuantizeOutput:
         """Quantize `x`; returns the output, indices and the weighted latent losses."""
+        check_float_input(x, "LatentQuantize")
         channel_first = self._check_input(x)
         tokens = x.movedim(1, -1) if channel_first else x
         token_shape = tokens.shape[:-1]
-        z = self.project_in(tokens.reshape(x.shape[0], -1, self.dim))
+        z = project(self.project_in, tokens.reshape(x.shape[0], -1, self.dim))
         out_dtype = z.dtype
         with torch.autocast(x.device.type, enabled=False):
             z = z.float().unflatten(-1, (self.num_codebooks, self.codebook_dim))
+            in_place = self.training and self.in_place_codebook_optimizer is not None
+            if in_place:
+                self._step_values(z)
             q, indices = self._quantize(z)
             loss = self.commitment_loss_weight * F.mse_loss(z, q.detach())
-            loss = loss + self.quantization_loss_weight * F.mse_loss(q, z.detach())
+            if not in_place:
+                loss = loss + self.quantization_loss_weight * F.mse_loss(q, z.detach())
             codes = straight_through(z, q).flatten(-2)
-        out = self.project_out(codes.to(out_dtype)).reshape(*token_shape, self.dim)
+        out = like_input(project(self.project_out, codes.to(out_dtype)), x)
+        out = out.reshape(*token_shape, self.dim)
         if channel_first:
             out = out.movedim(-1, 1)
         indices = indices.reshape(*token_shape, self.num_codebooks)

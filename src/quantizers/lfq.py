@@ -29,6 +29,7 @@ from src.quantizers.kernels.entropy import (
     bit_logits,
     per_sample_entropy,
 )
+from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.registry import register_quantizer
 
 MAX_CODEBOOK_BITS = 62  # int64 indices
@@ -183,6 +184,7 @@ class LFQ(Distributable, QuantizerContract):
             self.register_buffer("orthogonal_rot", nn.init.orthogonal_(torch.empty(bits, bits)))
         weights = 2 ** torch.arange(bits - 1, -1, -1, dtype=torch.int64)  # MSB first
         self.register_buffer("_bit_weights", weights, persistent=False)
+        register_reference_keys(self)  # the reference library's checkpoints load too
 
     # -- codes -------------------------------------------------------------------------------
 
@@ -268,10 +270,13 @@ class LFQ(Distributable, QuantizerContract):
             )
         batch, tokens = x.shape[:2]
         if mask is not None:
-            if mask.shape[0] != batch or mask[0].numel() != tokens:
+            if mask.ndim == 1 and mask.shape[0] == batch:  # (batch,): whole samples, as the
+                mask = mask.unsqueeze(-1).expand(batch, tokens)  # reference's boolean index
+            if mask.ndim == 0 or mask.shape[0] != batch or mask[0].numel() != tokens:
                 raise ValueError(
-                    f"LFQ mask must be (batch, seq) or (batch, *spatial) = {batch} x {tokens} "
-                    f"tokens; got {tuple(mask.shape)}"
+                    f"LFQ mask must be (batch,), (batch, seq) or (batch, *spatial) = {batch} x "
+                    f"{tokens} tokens (True = used by the entropy and commitment losses); got "
+                    f"{tuple(mask.shape)}"
                 )
             mask = mask.reshape(batch, tokens).bool()
 

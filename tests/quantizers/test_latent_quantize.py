@@ -149,7 +149,9 @@ def test_int_levels_and_fixed_values() -> None:
     assert quantizer.levels == [5, 5, 5, 5]
     assert quantizer.codebook_size == 5**4
     assert list(quantizer.parameters()) == []
-    assert LatentQuantize(levels=3, dim=6, num_codebooks=2).levels == [3, 3, 3]
+    # an int `levels` without codebook_dim is refused, as the reference does (issue 17)
+    with pytest.raises(RuntimeError, match="needs codebook_dim > 0"):
+        LatentQuantize(levels=3, dim=6, num_codebooks=2)
     every = torch.arange(math.prod([5] * 4)).reshape(1, -1)
     codes = quantizer.indices_to_codes(every)
     assert torch.equal(quantizer(codes).indices, every)
