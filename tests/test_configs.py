@@ -12,6 +12,7 @@ from src.utils.config_checks import model_takes_quantizer
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = ["data", "model", "quantizer", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS += ["adversarial"]
 NEEDS = {("data", "image_folder"): ["data.root=/tmp"]}
 
 

@@ -12,6 +12,7 @@ from torchaudio.transforms import MelSpectrogram
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.audio import ScaleInvariantSignalNoiseRatio
 
+from src.models.adversarial.training import AdversarialTraining
 from src.models.audio_losses import (
     LOG_EPS,
     MultiResolutionSTFTLoss,
@@ -35,7 +36,7 @@ EPOCH_METRICS = (
 )
 
 
-class AudioTokenizer(CodesAPI, TokenizerModule):
+class AudioTokenizer(AdversarialTraining, CodesAPI, TokenizerModule):
     """Learns discrete tokens of mono waveforms (B, 1, T); logs SI-SNR, mel distance, bitrate
     and codebook usage per epoch.
 
@@ -67,9 +68,11 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         betas: tuple[float, float] = (0.9, 0.99),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        adversarial: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # without adversarial training the hparams (and the fingerprint) are those of before
+        self.save_hyperparameters(ignore=None if adversarial else ["adversarial"])
         self.encoder = ConvEncoder1d(1, latent_dim, channels, strides, dilations, causal)
         self.decoder = ConvDecoder1d(1, latent_dim, channels, strides, dilations, causal)
         self.init_quantizer(quantizer, latent_dim)
@@ -80,6 +83,8 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         self.stft_loss = MultiResolutionSTFTLoss(stft_fft_sizes)
         # one fixed resolution for the mel-distance metric, whatever the loss scales are
         self.mel_metric = MelSpectrogram(sample_rate, n_fft=512, hop_length=128, n_mels=64)
+        # model.adversarial (configs/adversarial/): MS-STFT + MPD etc., src/models/adversarial/
+        self.init_adversarial(adversarial, 1)
 
     def make_stage_metrics(self) -> dict[str, Metric]:
         metrics: dict[str, Metric] = {name: MeanMetric() for name in EPOCH_METRICS}
@@ -118,6 +123,10 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         quantized = self.encode(waveforms)
         return self.decode(quantized.latents)[..., : waveforms.shape[-1]], quantized
 
+    def discriminator_input(self, waveforms: Tensor) -> Tensor:
+        """What a discriminator sees: the waveform itself."""
+        return waveforms
+
     def mel_distance(self, estimate: Tensor, target: Tensor) -> Tensor:
         """Mean |log mel(estimate) - log mel(target)| per clip (512-point FFT, 64 mels)."""
         a = (self.mel_metric(estimate.float().squeeze(1)) + LOG_EPS).log()
@@ -147,4 +156,14 @@ class AudioTokenizer(CodesAPI, TokenizerModule):
         metrics["si_snr"].update(detached.squeeze(1).float(), waveforms.squeeze(1).float())
         metrics["mel_distance"].update(self.mel_distance(detached, waveforms))
         self.update_quantizer_metrics(stage, quantized)
-        return {"loss": loss, "inputs": waveforms, "reconstructions": detached}
+        return {
+            "loss": loss,
+            "inputs": waveforms,
+            "reconstructions": detached,
+            # for adversarial training (src/models/adversarial/training.py); the balancer's
+            # loss names are these parts' (waveform, mel, stft), unweighted
+            "generated": reconstructions,
+            "recon_loss": recon_loss,
+            "quantizer_loss": quantized.aux_loss,
+            "recon_parts": {name.removesuffix("_loss"): parts[name] for name in parts},
+        }

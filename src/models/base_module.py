@@ -9,6 +9,7 @@ and `shared_step`; train.py, eval.py, the callbacks and compare.py need nothing 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -34,6 +35,25 @@ def batch_size_of(batch: Any) -> int:
             if isinstance(item, Tensor) and item.ndim:
                 return int(item.shape[0])
     return 1
+
+
+def adamw(
+    parameters: Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    betas: Sequence[float],
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (not on biases and norms); frozen
+    parameters are left out."""
+    params = [p for p in parameters if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=tuple(betas),
+    )
 
 
 class VqzooModule(LightningModule):
@@ -122,17 +142,8 @@ class VqzooModule(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (no weight decay on biases and norms), linear warmup then cosine decay."""
-        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": hp.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-        )
+        optimizer = adamw(self.parameters(), hp.lr, hp.weight_decay, hp.betas)
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, hp.warmup_steps, total_steps, hp.min_lr_ratio)
         return {

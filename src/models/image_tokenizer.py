@@ -9,6 +9,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from src.models.adversarial.training import AdversarialTraining
 from src.models.codes_api import CodesAPI
 from src.models.conv2d import ConvDecoder2d, ConvEncoder2d
 from src.models.latent_norm import build_latent_norm
@@ -33,7 +34,7 @@ def per_image_ssim() -> StructuralSimilarityIndexMeasure:
     return StructuralSimilarityIndexMeasure(data_range=1.0, reduction="elementwise_mean")
 
 
-class ImageTokenizer(CodesAPI, TokenizerModule):
+class ImageTokenizer(AdversarialTraining, CodesAPI, TokenizerModule):
     """Learns discrete tokens for images in [0, 1]; logs per epoch the mean per-image PSNR
     (`<stage>/psnr`), the mean SSIM (`val/ssim`, `test/ssim`) and codebook usage.
     Codes API (src/models/codes_api.py): codes (B, h, w, Q), decoded images clamped to [0, 1].
@@ -57,18 +58,22 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
         min_lr_ratio: float = 0.1,
         latent_norm: str | None = None,
         latent_scale: float = 1.0,
+        adversarial: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if recon_loss not in RECON_LOSSES:
             raise ValueError(
                 f"recon_loss must be one of {sorted(RECON_LOSSES)}, got {recon_loss!r}"
             )
-        self.save_hyperparameters()
+        # without adversarial training the hparams (and the fingerprint) are those of before
+        self.save_hyperparameters(ignore=None if adversarial else ["adversarial"])
         self.encoder = ConvEncoder2d(in_channels, latent_dim, list(channels), num_res_blocks)
         self.decoder = ConvDecoder2d(in_channels, latent_dim, list(channels), num_res_blocks)
         self.recon_loss_fn = RECON_LOSSES[recon_loss]
         self.latent_norm = build_latent_norm(latent_norm, latent_dim, latent_scale)
         self.init_quantizer(quantizer, latent_dim)
+        # model.adversarial (configs/adversarial/): PatchGAN etc., src/models/adversarial/
+        self.init_adversarial(adversarial, in_channels)
 
     def make_stage_metrics(self) -> dict[str, Metric]:
         return {
@@ -104,6 +109,10 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
             )
         return input_shape[-2] // factor, input_shape[-1] // factor
 
+    def discriminator_input(self, images: Tensor) -> Tensor:
+        """What a discriminator sees: images in [-1, 1] as the encoder does (unclamped)."""
+        return images * 2 - 1
+
     def finish_decoded(self, media: Tensor) -> Tensor:
         return media.clamp(0, 1)
 
@@ -134,4 +143,13 @@ class ImageTokenizer(CodesAPI, TokenizerModule):
         if "ssim" in metrics:
             metrics["ssim"].update(clamped, images.float())
         self.update_quantizer_metrics(stage, quantized)
-        return {"loss": loss, "inputs": images, "reconstructions": clamped}
+        return {
+            "loss": loss,
+            "inputs": images,
+            "reconstructions": clamped,
+            # for adversarial training (src/models/adversarial/training.py)
+            "generated": reconstructions,
+            "recon_loss": recon_loss,
+            "quantizer_loss": quantized.aux_loss,
+            "recon_parts": {"recon": recon_loss},
+        }
