@@ -64,8 +64,10 @@ def _resolve_levels(levels: list[int] | int, codebook_dim: int):
 class LatentQuantize(nn.Module, QuantizerContract):
     """Per-dimension learnable scalar codebooks with the reference library's keywords.
 
-    Layout: a 3-D input is a sequence `(batch, seq, dim)`; a 4-D or 5-D input is a
-    channel-first image or video map `(batch, dim, ...)`. The features are projected to
+    Layout: a 3-D input is a sequence `(batch, seq, dim)`, or `(batch, dim, seq)` when its last
+    axis is not `dim` but its second is (the reference's layout; decoding then returns
+    sequences channel-first too, until a channel-last sequence comes); a 4-D or 5-D input is
+    a channel-first image or video map `(batch, dim, ...)`. The features are projected to
     `num_codebooks * len(levels)` channels when `dim` differs, split into `num_codebooks`
     groups sharing the same value sets, and projected back. `optimize_values=False` keeps the
     initial evenly spaced values fixed. `in_place_codebook_optimizer` (a callable taking the
@@ -101,6 +103,7 @@ class LatentQuantize(nn.Module, QuantizerContract):
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
         self.keep_num_codebooks_dim = keep_num_codebooks_dim
+        self._sequences_channel_first = False  # the layout of the last 3-D input (decoding)
         self.commitment_loss_weight = float(commitment_loss_weight or 0.0)
         self.quantization_loss_weight = float(quantization_loss_weight or 0.0)
         self.codebook_size: int = math.prod(levels)
@@ -223,7 +226,8 @@ class LatentQuantize(nn.Module, QuantizerContract):
             weight = getattr(self.project_out, "weight", None)
             codes = self.project_out(codes.to(weight.dtype if weight is not None else codes.dtype))
         codes = codes.reshape(*token_shape, codes.shape[-1])
-        return codes.movedim(-1, 1) if len(token_shape) > 2 else codes
+        channel_first = len(token_shape) > 2 or self._sequences_channel_first
+        return codes.movedim(-1, 1) if channel_first else codes
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """The contract's decode: `indices_to_codes` with the output projection."""
@@ -232,11 +236,15 @@ class LatentQuantize(nn.Module, QuantizerContract):
     def _check_input(self, x: Tensor) -> bool:
         """Validate the layout; True when `x` is a channel-first image or video map."""
         if x.ndim == 3 and x.shape[-1] == self.dim:
+            self._sequences_channel_first = False
             return False
+        if x.ndim == 3 and x.shape[1] == self.dim:
+            self._sequences_channel_first = True
+            return True
         if x.ndim in (4, 5) and x.shape[1] == self.dim:
             return True
         raise ValueError(
             f"LatentQuantize expects a sequence (batch, seq, dim={self.dim}) or a channel-first "
-            f"map (batch, dim={self.dim}, height, width) / (batch, dim={self.dim}, time, height, "
-            f"width); got {tuple(x.shape)}"
+            f"sequence / map (batch, dim={self.dim}, seq) / (batch, dim={self.dim}, height, "
+            f"width) / (batch, dim={self.dim}, time, height, width); got {tuple(x.shape)}"
         )

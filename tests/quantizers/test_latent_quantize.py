@@ -160,7 +160,13 @@ def test_int_levels_and_fixed_values() -> None:
 def test_bad_input_names_expected_layout() -> None:
     quantizer = LatentQuantize(levels=[5, 5, 8], dim=16)
     with pytest.raises(ValueError, match=r"sequence \(batch, seq, dim=16\)"):
-        quantizer(torch.randn(1, 16, 32))
+        quantizer(torch.randn(1, 15, 32))
+    # (batch, dim, seq): the reference's layout, decoded back in it
+    series = torch.randn(1, 16, 32)
+    out = quantizer(series)
+    assert out.quantized.shape == series.shape and out.indices.shape == (1, 32)
+    assert torch.equal(quantizer.decode_indices(out.indices), out.quantized)
+    assert quantizer.decode_indices(quantizer(series.transpose(1, 2)).indices).shape == (1, 32, 16)
     with pytest.raises(ValueError, match=r"channel-first"):
         quantizer(torch.randn(16, 32))
     with pytest.raises(ValueError, match="levels"):
