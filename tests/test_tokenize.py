@@ -99,6 +99,18 @@ def test_another_tokenizer_rewrites_never_mixes(checkpoint: Path, tmp_path: Path
         CodeCache.open(out, first.fingerprint)
 
 
+def test_tokenizing_leaves_the_global_rng_as_reusing_does(checkpoint: Path, tmp_path: Path) -> None:
+    """A prior's weight init follows the codes preparation: it must not depend on whether the
+    codes were tokenized now or reused (DataLoader iterators draw a base seed from the global
+    RNG; before the fix a fresh tokenization moved it and a resumed run differed from step 0)."""
+    after = {}
+    for attempt in ("tokenized", "reused"):
+        torch.manual_seed(7)
+        codes_for_checkpoint(checkpoint, tmp_path / "codes", splits=["val"], progress=False)
+        after[attempt] = torch.rand(4)
+    assert torch.equal(after["tokenized"], after["reused"])
+
+
 def test_out_dir_with_foreign_files_is_refused(checkpoint: Path, tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(CodeCacheError, match=r"not a code cache \(\['notes.txt'\]\)"):

@@ -221,6 +221,10 @@ def tokenize_splits(
 
     sizes = tuple(int(s) for s in tokenizer.codebook_sizes)
     dtype = smallest_dtype(max(sizes) - 1)
+    # tokenizing leaves the global RNG as it found it (each DataLoader iterator draws its base
+    # seed from it, audio training crops are drawn from it), so what the run does next, e.g. a
+    # prior's weight init, is the same whether the codes were written now or reused
+    rng_state = torch.random.get_rng_state()
     datamodule.setup()
     entries: dict[str, dict[str, Any]] = {}
     grid: tuple[int, ...] | None = None
@@ -243,6 +247,7 @@ def tokenize_splits(
             entry["labels"] = labels_file(split)
         entry["seconds"] = round(time.perf_counter() - split_started, 3)
         entries[split] = entry
+    torch.random.set_rng_state(rng_state)
     manifest = {
         "format": FORMAT,
         "tokenizer": {
