@@ -20,7 +20,8 @@ Indices come in two layouts:
   every cell owns at least one position and decoding reads each cell back (the largest
   index over its positions: masked positions hold -1). Missing trailing slots decode as
   dropped levels, so a coarse prefix `indices[..., :k]` decodes like the full stack cut to
-  `k` levels.
+  `k` levels. In either layout a level without any code in a sample (all -1) adds nothing,
+  which is what nested dropout's prefix output is.
 
 Masked positions (`mask` / `lens`) and tokens with a NaN or inf are left out of the pooling,
 so of every VQ statistic; their output is zero and their indices -1 (a whole masked cell).
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from src.quantizers.communicator import Distributable
 from src.quantizers.contract import MASKED, QuantizerContract, check_index_range
-from src.quantizers.float_input import check_float_input
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.registry import register_quantizer
 from src.quantizers.vector_quantize import VectorQuantize
 
@@ -68,7 +69,8 @@ class _Phi(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.resi_ratio <= 1e-8:
             return x
-        return x.lerp(self.conv(x), self.resi_ratio)
+        convolved = project(self.conv, x)  # fp16 / bf16 maps outside autocast: in float32
+        return x.to(convolved.dtype).lerp(convolved, self.resi_ratio)
 
 
 def _channel_last(fmap: Tensor) -> Tensor:
@@ -304,7 +306,7 @@ class HierarchicalVQ(Distributable, QuantizerContract):
             reconstruction = prefixes[cutoff]
             stacked = stacked[: cutoff + 1]
         loss = stacked.mean()
-        reconstruction = torch.where(valid.unsqueeze(1), reconstruction, 0.0)
+        reconstruction = like_input(torch.where(valid.unsqueeze(1), reconstruction, 0.0), x)
         quantized = reconstruction if self.channel_first else _channel_last(reconstruction)
         codes_out: tuple[Tensor, ...] | Tensor = tuple(all_indices)
         if self.indices_layout == "slots":
@@ -359,6 +361,10 @@ class HierarchicalVQ(Distributable, QuantizerContract):
             codes = self.get_vq(level).get_output_from_indices(flat)  # -1 -> zeros
             codes = codes.transpose(1, 2).unflatten(2, tuple(level_indices.shape[1:]))
             upsampled = self._upsample(codes, full, level)
+            # a level with no code at all in a sample (dropped, as by nested dropout or a cut
+            # prefix) adds nothing; the reference would add phi's bias of a zero map
+            present = (flat != MASKED).any(1).to(upsampled.dtype)
+            upsampled = upsampled * present.view(-1, *([1] * (upsampled.ndim - 1)))
             reconstruction = upsampled if reconstruction is None else reconstruction + upsampled
         assert reconstruction is not None
         return reconstruction if self.channel_first else _channel_last(reconstruction)
