@@ -16,6 +16,7 @@ ENTRY_SCRIPTS = [
     "bench_quantizers",
     "bench_tokenize",
     "compare",
+    "reference_tests",
     "sample",
     "tokenize",
 ]
