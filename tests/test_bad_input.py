@@ -118,6 +118,13 @@ PROBES: dict[str, Probe] = {
         TypeError,
         r"LFQ quantizes floating-point latents, got torch\.int64",
     ),
+    "integer input to ResidualVQ": Probe(
+        lambda tmp: ResidualVQ(dim=8, codebook_size=16, num_quantizers=2)(
+            torch.ones(2, 5, 8, dtype=torch.long)
+        ),
+        TypeError,
+        r"ResidualVQ quantizes floating-point latents, got torch\.int64 input; cast it",
+    ),
     "VQ input of the wrong width": Probe(
         lambda tmp: VectorQuantize(dim=8, codebook_size=16)(torch.randn(2, 5, 6)),
         ValueError,

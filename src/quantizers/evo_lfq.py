@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input
 from src.quantizers.lfq import LFQ
 from src.quantizers.registry import register_quantizer
 
@@ -118,6 +119,7 @@ class EvoLFQ(nn.Module, QuantizerContract):
     # -- autoencoder --------------------------------------------------------------------------
 
     def forward(self, x: Tensor, **kwargs: Any) -> EvoLFQOutput:
+        check_float_input(x, "EvoLFQ")
         latents = self.encoder(x)
         flat = latents.ndim == 2
         quantized, indices, loss = self.lfq(latents.unsqueeze(1) if flat else latents, **kwargs)

@@ -18,10 +18,10 @@ def check_float_input(x: Tensor, quantizer: str) -> None:
 
 
 def project(layer: nn.Module, x: Tensor) -> Tensor:
-    """`layer(x)` for a projection (Linear or Identity): outside autocast, `x` is cast to the
-    layer's weight dtype first (under autocast, autocast picks the matmul's dtype itself)."""
+    """`layer(x)` for a projection (Linear, convolution or Identity): outside autocast, `x` is
+    cast to the layer's weight dtype first (under autocast, autocast picks the dtype itself)."""
     if (
-        isinstance(layer, nn.Linear)
+        isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd))
         and x.dtype != layer.weight.dtype
         and not torch.is_autocast_enabled(x.device.type)
     ):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.contract import QuantizerContract
+from src.quantizers.float_input import check_float_input
 from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.residual import share_communicator
 
@@ -81,6 +82,7 @@ class GroupedResidual(Distributable, QuantizerContract):
 
     def forward(self, x: Tensor, **kwargs: object) -> tuple:
         """Quantize each feature slice with its group; `kwargs` go to every group."""
+        check_float_input(x, type(self).__name__)
         if x.shape[self.split_dim] != self.dim:
             raise ValueError(
                 f"expected feature size {self.dim} on axis {self.split_dim}, got shape "

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from src.quantizers.communicator import Distributable
 from src.quantizers.contract import QuantizerContract
+from src.quantizers.float_input import check_float_input
 from src.quantizers.kernels import l2_normalize, nearest_code
 from src.quantizers.registry import register_quantizer
 
@@ -72,6 +73,7 @@ class RandomProjectionQuantizer(Distributable, QuantizerContract):
 
     def project(self, x: Tensor) -> Tensor:
         """Unit-length projections (batch, seq, num_codebooks, codebook_dim), float32."""
+        check_float_input(x, "RandomProjectionQuantizer")
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"RandomProjectionQuantizer expects (batch, seq, dim={self.dim}) input, "

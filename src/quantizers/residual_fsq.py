@@ -111,13 +111,13 @@ class ResidualFSQ(ResidualQuantizer):
         self._check_input(x)
         tokens = x.movedim(1, -1) if self.is_channel_first else x
         token_shape = tokens.shape[:-1]
-        z = self.project_in(tokens.reshape(1, -1, self.dim))
+        z = self.project_latents(tokens.reshape(1, -1, self.dim))
         with torch.autocast(x.device.type, enabled=False):
             bounded = self.fsq.bound(z.float())  # layer-0 level units
             stacked = self.stack(bounded, num_kept=num_kept)
             codes = self.from_stack_units(stacked.quantized)
             indices = stacked.indices
-        out = self.project_out(codes.to(z.dtype)).reshape(*token_shape, self.dim)
+        out = self.project_codes(codes.to(z.dtype), x).reshape(*token_shape, self.dim)
         if self.is_channel_first:
             out = out.movedim(-1, 1)
         return ResidualFSQOutput(out, indices.reshape(*token_shape, self.num_quantizers))

@@ -106,10 +106,10 @@ class ResidualLFQ(ResidualQuantizer):
         spatial = self._check_input(x)
         if self.channel_first:
             x = x.flatten(2).transpose(1, 2)
-        z = self.project_in(x)
+        z = self.project_latents(x)
         with torch.autocast(x.device.type, enabled=False):
             stacked = self.stack(z.float(), num_kept=num_kept, mask=mask)
-        out = self.project_out(stacked.quantized.to(z.dtype))
+        out = self.project_codes(stacked.quantized.to(z.dtype), x)
         indices = stacked.indices
         if self.channel_first:
             out = out.transpose(1, 2).unflatten(2, spatial)

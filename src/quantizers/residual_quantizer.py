@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.contract import QuantizerContract
+from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.reference_checkpoint import register_reference_keys
 from src.quantizers.residual import DeferUpdates, ResidualStack, share_communicator
 
@@ -67,6 +68,17 @@ class ResidualQuantizer(Distributable, QuantizerContract):
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to the stack and its layers too."""
         share_communicator(self, communicator)
+
+    def project_latents(self, x: Tensor) -> Tensor:
+        """`project_in(x)` under the shared input rules (src/quantizers/float_input.py):
+        integer input is refused naming this class; fp16 / bf16 latents outside autocast run
+        in the projection's dtype instead of failing in its matmul."""
+        check_float_input(x, type(self).__name__)
+        return project(self.project_in, x)
+
+    def project_codes(self, codes: Tensor, x: Tensor) -> Tensor:
+        """`project_out(codes)`, returned in the input `x`'s dtype outside autocast."""
+        return like_input(project(self.project_out, codes), x)
 
     @property
     def layers(self) -> nn.ModuleList | list[nn.Module]:

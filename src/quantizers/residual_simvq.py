@@ -73,7 +73,10 @@ class ResidualSimVQ(ResidualQuantizer):
         self._check_input(x)
         tokens = x.movedim(1, -1) if self.channel_first else x
         token_shape = tokens.shape[:-1]
-        stacked = self.stack(tokens.reshape(1, -1, self.dim), num_kept=num_kept)
+        # identity projections: this only refuses integer input, as every quantizer does
+        stacked = self.stack(
+            self.project_latents(tokens.reshape(1, -1, self.dim)), num_kept=num_kept
+        )
         out = stacked.quantized.to(x.dtype).reshape(*token_shape, self.dim)
         if self.channel_first:
             out = out.movedim(-1, 1)

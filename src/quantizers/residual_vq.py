@@ -145,14 +145,15 @@ class ResidualVQ(ResidualQuantizer):
                 )
             layer_kwargs["mask"] = mask.reshape(tokens.shape[0], -1).bool()
         stacked = self.stack(
-            self.project_in(tokens),
+            self.project_latents(tokens),
             num_kept=num_kept,
             return_all_codes=return_all_codes,
             **layer_kwargs,
         )
-        out = self.project_out(stacked.quantized)
         if isinstance(self.project_out, nn.Identity):
-            out = out.to(x.dtype)
+            out = stacked.quantized.to(x.dtype)
+        else:
+            out = self.project_codes(stacked.quantized, x)
         if mask is not None:
             out = out.masked_fill(~layer_kwargs["mask"].unsqueeze(-1), 0.0)
         quantized = self._from_tokens(out, token_shape)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.quantizers.contract import QuantizerContract, check_index_range
+from src.quantizers.float_input import check_float_input
 from src.quantizers.kernels import nearest_code, rotate_to, straight_through
 from src.quantizers.registry import register_quantizer
 
@@ -105,6 +106,7 @@ class SimVQ(nn.Module, QuantizerContract):
 
     def forward(self, x: Tensor) -> SimVQOutput:
         """Quantize `x`; the loss is always computed (its gradient trains the map)."""
+        check_float_input(x, "SimVQ")
         self._check_input(x)
         if self.channel_first:
             x = x.movedim(1, -1)
