@@ -74,6 +74,11 @@ class ResidualFSQ(ResidualQuantizer):
     """`num_quantizers` FSQ layers on successive residuals, with the reference's keywords.
 
     Input is channel-last `(..., dim)` or, with `is_channel_first=True`, `(batch, dim, ...)`.
+    `soft_clamp_input_value` squashes the projected input by `c * tanh(x / c)` first;
+    `bound_hard_clamp=True` bounds layer 0 by a clamp instead of tanh after a soft clamp to
+    `1 + 1/(L - 1)` (the reference's keywords; its default is True, ours False: the layers
+    here are exact refinements of layer 0's grid, not the reference's rescaled FSQs, so
+    outputs differ from the reference's whatever the keywords).
     `dim` defaults to `len(levels)`; otherwise linear projections map to and from it. Quantize
     dropout (training only) keeps a random number of leading layers and marks the rest -1.
     """
@@ -88,10 +93,31 @@ class ResidualFSQ(ResidualQuantizer):
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
         quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | list[float] | Tensor | None = None,
+        bound_hard_clamp: bool = False,
     ) -> None:
         super().__init__()
-        self.fsq = FSQ(levels=levels)  # validates levels; its bound is layer 0's squash
+        # validates levels; its bound (tanh, or a clamp with bound_hard_clamp) squashes layer 0
+        self.fsq = FSQ(levels=levels, bound_hard_clamp=bound_hard_clamp)
         levels = self.fsq.levels
+        self.bound_hard_clamp = bound_hard_clamp
+        if bound_hard_clamp:
+            if soft_clamp_input_value is not None:
+                raise ValueError(
+                    "bound_hard_clamp=True sets its own soft clamp (1 + 1/(L - 1) per channel, "
+                    "as the reference); drop soft_clamp_input_value"
+                )
+            soft_clamp_input_value = [1 + 1 / (level - 1) for level in levels]
+        clamp = None
+        if soft_clamp_input_value is not None:
+            clamp = torch.as_tensor(soft_clamp_input_value, dtype=torch.float32)
+            if clamp.numel() not in (1, len(levels)) or clamp.ndim > 1 or (clamp <= 0).any():
+                raise ValueError(
+                    "soft_clamp_input_value must be a positive number or one per code channel; "
+                    f"got {soft_clamp_input_value}"
+                )
+        # non-persistent (derived from the keywords), as in the reference
+        self.register_buffer("soft_clamp_input_value", clamp, persistent=False)
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1; got {num_quantizers}")
         self.levels = levels
@@ -113,7 +139,9 @@ class ResidualFSQ(ResidualQuantizer):
         token_shape = tokens.shape[:-1]
         z = self.project_latents(tokens.reshape(1, -1, self.dim))
         with torch.autocast(x.device.type, enabled=False):
-            bounded = self.fsq.bound(z.float())  # layer-0 level units
+            clamp = self.soft_clamp_input_value
+            soft = z.float() if clamp is None else (z.float() / clamp).tanh() * clamp
+            bounded = self.fsq.bound(soft)  # layer-0 level units
             stacked = self.stack(bounded, num_kept=num_kept)
             codes = self.from_stack_units(stacked.quantized)
             indices = stacked.indices
