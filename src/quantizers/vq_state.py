@@ -71,6 +71,7 @@ class CodebookState(Distributable):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self._initted_seen = not kmeans_init  # host copy of `initted`, read without a sync
         self._pooled: list[tuple[Tensor, Tensor, Tensor | None]] | None = None
+        self._accumulated: tuple[Tensor, Tensor] | None = None  # accum_ema_update statistics
 
     # ---- views ----------------------------------------------------------------------------
 
@@ -151,23 +152,42 @@ class CodebookState(Distributable):
                 )
             self._update_codebook(latents, flat_idx, valid, segments=len(calls))
 
-    def _update_or_pool(self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None) -> None:
-        """Update the codebook now, or keep the statistics for the enclosing pooled_updates()."""
+    def _update_or_pool(
+        self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None, **options: Any
+    ) -> None:
+        """Update the codebook now, or keep the statistics for the enclosing pooled_updates()
+        (which takes no `options`: a shared residual codebook updates with the defaults)."""
         if self._pooled is None:
-            self._update_codebook(latents, flat_idx, valid)
+            self._update_codebook(latents, flat_idx, valid, **options)
+        elif any(v not in (None, False) for v in options.values()):
+            raise ValueError(f"pooled codebook updates take no per-call options, got {options}")
         else:
             self._pooled.append((latents, flat_idx, valid))
 
     @torch.no_grad()
     def _update_codebook(
-        self, latents: Tensor, flat_idx: Tensor, valid: Tensor | None, segments: int = 1
+        self,
+        latents: Tensor,
+        flat_idx: Tensor,
+        valid: Tensor | None,
+        segments: int = 1,
+        *,
+        ema: bool | None = None,
+        weight: Tensor | Callable[[Tensor, Tensor], Tensor] | None = None,
+        accum: bool = False,
     ) -> None:
         """EMA of cluster sizes (and, with ema_update, of codebook vectors), then dead codes.
 
         latents (N, heads, d); flat_idx (N, heads) into the stacked (C*K) codebook. `segments`
         > 1 says the tokens are that many equal calls pooled into one update (a shared
-        codebook at every residual depth); see `_expire_dead_codes`.
+        codebook at every residual depth); see `_expire_dead_codes`. `ema` overrides
+        `ema_update` for this call; `weight` ((K,) or (C, K), or a function of the summed
+        vectors (C, K, d) and counts (C, K) giving one) scales each code's EMA rate (0: the
+        code keeps its statistics); `accum` only adds this call's statistics to a running sum
+        that the next update without `accum` folds in (gradient-accumulation style).
+        With `manual_ema_update` the statistics move but the codes wait for `update_ema()`.
         """
+        ema = self.ema_update if ema is None else ema
         num_codes, d = self.num_books * self.codebook_size, self.codebook_dim
         # non-finite tokens (a NaN or inf anywhere in the batch) take no part: weight 0, and
         # zeroed, as 0 * NaN is NaN; a mask rather than a filter, so the host never waits
@@ -178,25 +198,70 @@ class CodebookState(Distributable):
             clean.reshape(-1, d), flat_idx.reshape(-1), num_codes, keep.reshape(-1).float()
         )
         comm = self.communicator
-        if self.ema_update:  # one collective for both statistics
+        if ema or accum:  # one collective for both statistics
             stats = comm.all_reduce(torch.cat([counts.unsqueeze(-1), sums], dim=-1), "sum")
             counts, sums = stats[:, 0], stats[:, 1:]
         else:
             counts = comm.all_reduce(counts, "sum")
+        if accum:
+            pending = getattr(self, "_accumulated", None)
+            self._accumulated = (
+                (counts, sums)
+                if pending is None
+                else (
+                    pending[0] + counts,
+                    pending[1] + sums,
+                )
+            )
+            return
+        pending = getattr(self, "_accumulated", None)
+        if pending is not None:
+            counts, sums = counts + pending[0], sums + pending[1]
+            self._accumulated = None
 
-        size = self.books_size()
-        size.mul_(self.decay).add_(counts.view_as(size), alpha=1.0 - self.decay)
-        if self.ema_update:
-            avg = self.books_avg()
-            avg.mul_(self.decay).add_(sums.view_as(avg), alpha=1.0 - self.decay)
-            previous = self.books_embed().float()
-            embed = smoothed_codebook(size, avg, previous, self.eps)
-            if self.use_cosine_sim:
-                embed = self._unit_or_previous(embed, previous)
-            self.books_embed().data.copy_(embed)
+        size, avg = self.books_size(), self.books_avg()
+        if weight is None:  # the plain EMA, in this exact arithmetic (seeded runs unchanged)
+            size.mul_(self.decay).add_(counts.view_as(size), alpha=1.0 - self.decay)
+            if ema:
+                avg.mul_(self.decay).add_(sums.view_as(avg), alpha=1.0 - self.decay)
+        else:
+            rate = self._ema_rate(weight, sums, counts, size)
+            size.add_((counts.view_as(size) - size) * rate)
+            if ema:
+                avg.add_((sums.view_as(avg) - avg) * rate.unsqueeze(-1))
+        if ema and not getattr(self, "manual_ema_update", False):
+            self.update_ema()
 
         if self.threshold_ema_dead_code > 0:
             self._expire_dead_codes(latents, valid, segments)
+
+    def _ema_rate(
+        self,
+        weight: Tensor | Callable[[Tensor, Tensor], Tensor],
+        sums: Tensor,
+        counts: Tensor,
+        size: Tensor,
+    ) -> Tensor:
+        """(C, K) per-code EMA rate (1 - decay) * weight."""
+        if callable(weight):
+            weight = weight(sums.view(*size.shape, -1), counts.view_as(size))
+        weight = torch.as_tensor(weight, device=size.device, dtype=torch.float32)
+        if weight.shape not in ((self.codebook_size,), tuple(size.shape)):
+            raise ValueError(
+                f"ema_update_weight must be ({self.codebook_size},) or {tuple(size.shape)}, "
+                f"got {tuple(weight.shape)}"
+            )
+        return (1.0 - self.decay) * weight.expand_as(size)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Recompute the codes from the EMA statistics (called after each EMA step, or by
+        the user with `manual_ema_update=True`)."""
+        previous = self.books_embed().float()
+        embed = smoothed_codebook(self.books_size(), self.books_avg(), previous, self.eps)
+        if self.use_cosine_sim:
+            embed = self._unit_or_previous(embed, previous)
+        self.books_embed().data.copy_(embed)
 
     @staticmethod
     def _unit_or_previous(embed: Tensor, previous: Tensor) -> Tensor:
