@@ -26,7 +26,11 @@ import torch  # noqa: E402
 
 from scripts.bench_common import Case, bench_case, markdown_table  # noqa: E402
 
-CASE_MODULES = ("scripts.bench_cases_vq", "scripts.bench_cases_scalar")
+CASE_MODULES = (
+    "scripts.bench_cases_vq",
+    "scripts.bench_cases_scalar",
+    "scripts.bench_cases_search",
+)
 
 
 def all_cases() -> list[Case]:

@@ -22,6 +22,7 @@ and zero loss. `num_kept` is drawn on rank 0 and broadcast, so every rank agrees
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
@@ -35,6 +36,11 @@ from src.quantizers.contract import check_index_range
 # Makes one layer object that appears several times in the stack (a shared codebook) collect
 # its state updates over the whole pass and apply them once when the context exits.
 DeferUpdates = Callable[[nn.Module], AbstractContextManager[None]]
+
+
+def frac_gradient(t: Tensor, frac: float) -> Tensor:
+    """`t` in value, with `frac` of its gradient."""
+    return frac * t + (1.0 - frac) * t.detach()
 
 
 def share_communicator(module: Distributable, communicator: Communicator) -> None:
@@ -116,19 +122,26 @@ class ResidualStack(Distributable):
 
     # ---- quantize dropout -----------------------------------------------------------------
 
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
+    def draw_num_kept(
+        self, device: torch.device | str = "cpu", seed: int | None = None
+    ) -> int | None:
         """How many layers run in this training step (None: all, e.g. in eval mode).
 
         Uniform over [cutoff + 1, depth], rounded up to a multiple of
         `quantize_dropout_multiple_of` (structured dropout, as in EnCodec) and capped at depth.
-        Every rank draws (keeping RNG streams aligned) and takes rank 0's number.
+        Every rank draws (keeping RNG streams aligned) and takes rank 0's number. With a
+        `seed` (the reference's `rand_quantize_dropout_fixed_seed`, the same on every rank)
+        the draw is `random.Random(seed)`'s, as the reference makes it, and nothing is synced.
         """
         if not (self.training and self.quantize_dropout):
             return None
         low = self.quantize_dropout_cutoff_index + 1
-        kept = torch.randint(low, self.depth + 1, (1,), device=device)
-        kept = self.communicator.broadcast(kept, src=0)
-        num = int(kept.item())
+        if seed is not None:
+            num = random.Random(seed).randrange(low - 1, self.depth) + 1
+        else:
+            kept = torch.randint(low, self.depth + 1, (1,), device=device)
+            kept = self.communicator.broadcast(kept, src=0)
+            num = int(kept.item())
         step = self.quantize_dropout_multiple_of
         return min(self.depth, -(-num // step) * step)
 
@@ -140,13 +153,16 @@ class ResidualStack(Distributable):
         *,
         num_kept: int | None = None,
         return_all_codes: bool = False,
+        quant_grad_frac: float = 0.0,
         **layer_kwargs: object,
     ) -> ResidualStackOutput:
         """Quantize channel-last `x` (batch, seq, dim) with the first `num_kept` layers.
 
         `num_kept=None` draws it (training with quantize dropout) or keeps every layer.
-        `layer_kwargs` (e.g. `mask`) go to every layer call. The running residual and the
-        sum are float32, so bf16 autocast does not erode the fine layers' small residuals.
+        `layer_kwargs` (e.g. `mask`) go to every layer call. `quant_grad_frac` lets that
+        fraction of a layer's output gradient flow through the next layers' residual (0: the
+        next layer only fixes this one's error). The running residual and the sum are
+        float32, so bf16 autocast does not erode the fine layers' small residuals.
         """
         if num_kept is None:
             num_kept = self.draw_num_kept(x.device)
@@ -166,7 +182,10 @@ class ResidualStack(Distributable):
                 out = self.layer(i)(residual, **layer_kwargs)
                 quantized = out[0].float()
                 # the next layer learns to fix this one's error, not to move its codes
-                residual = residual - quantized.detach()
+                if quant_grad_frac > 0:
+                    residual = residual - frac_gradient(quantized, quant_grad_frac)
+                else:
+                    residual = residual - quantized.detach()
                 total = total + quantized
                 if return_all_codes:  # the values used, even if the layer updates itself
                     codes.append(quantized)

@@ -99,11 +99,16 @@ class ResidualLFQ(ResidualQuantizer):
         x: Tensor,
         mask: Tensor | None = None,
         return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
         *,
         num_kept: int | None = None,
     ) -> ResidualLFQOutput | ResidualLFQCodesOutput:
-        """Quantize `x`; indices are (batch, seq, num_quantizers) (or (batch, ..., q) maps)."""
+        """Quantize `x`; indices are (batch, seq, num_quantizers) (or (batch, ..., q) maps).
+        `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout depth as the reference
+        draws it."""
         spatial = self._check_input(x)
+        if num_kept is None and rand_quantize_dropout_fixed_seed is not None:
+            num_kept = self.draw_num_kept(x.device, rand_quantize_dropout_fixed_seed)
         if self.channel_first:
             x = x.flatten(2).transpose(1, 2)
         z = self.project_latents(x)

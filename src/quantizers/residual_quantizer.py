@@ -87,9 +87,12 @@ class ResidualQuantizer(Distributable, QuantizerContract):
             return [self.stack.layer(i) for i in range(self.num_quantizers)]
         return self.stack.layers
 
-    def draw_num_kept(self, device: torch.device | str = "cpu") -> int | None:
-        """Quantize-dropout depth for this training step, agreed across ranks (None: all)."""
-        return self.stack.draw_num_kept(device)
+    def draw_num_kept(
+        self, device: torch.device | str = "cpu", seed: int | None = None
+    ) -> int | None:
+        """Quantize-dropout depth for this training step, agreed across ranks (None: all);
+        `seed` fixes it as the reference's `rand_quantize_dropout_fixed_seed` does."""
+        return self.stack.draw_num_kept(device, seed)
 
     # ---- decode -----------------------------------------------------------------------------
 

@@ -21,6 +21,16 @@ class ResidualSimVQOutput(NamedTuple):
     loss: Tensor
 
 
+class ResidualSimVQCodesOutput(NamedTuple):
+    """With `return_all_codes=True`: also every layer's codes (q, ..., dim), zero where
+    dropped (the reference's fourth output)."""
+
+    quantized: Tensor
+    indices: Tensor
+    loss: Tensor
+    all_codes: Tensor
+
+
 @register_quantizer("rsimvq")
 class ResidualSimVQ(ResidualQuantizer):
     """`num_quantizers` SimVQ layers, each quantizing what the previous ones left over.
@@ -42,9 +52,12 @@ class ResidualSimVQ(ResidualQuantizer):
         quantize_dropout_multiple_of: int = 1,
         channel_first: bool = False,
         rotation_trick: bool = True,
+        heads: int = 1,
         **sim_vq_kwargs: object,
     ) -> None:
         super().__init__()
+        if heads != 1:
+            raise ValueError(f"ResidualSimVQ takes heads=1 only (as the reference), got {heads}")
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1; got {num_quantizers}")
         layers = [
@@ -68,9 +81,20 @@ class ResidualSimVQ(ResidualQuantizer):
         """The layers' searched codebooks, (num_quantizers, codebook_size, dim)."""
         return torch.stack([layer.codebook for layer in self.layers])
 
-    def forward(self, x: Tensor, *, num_kept: int | None = None) -> ResidualSimVQOutput:
-        """Quantize `x`; indices (..., num_quantizers), per-layer losses (num_quantizers,)."""
+    def forward(
+        self,
+        x: Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        *,
+        num_kept: int | None = None,
+    ) -> ResidualSimVQOutput | ResidualSimVQCodesOutput:
+        """Quantize `x`; indices (..., num_quantizers), per-layer losses (num_quantizers,).
+        `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout depth as the reference
+        draws it; `return_all_codes` adds each layer's codes."""
         self._check_input(x)
+        if num_kept is None and rand_quantize_dropout_fixed_seed is not None:
+            num_kept = self.draw_num_kept(x.device, rand_quantize_dropout_fixed_seed)
         tokens = x.movedim(1, -1) if self.channel_first else x
         token_shape = tokens.shape[:-1]
         # identity projections: this only refuses integer input, as every quantizer does
@@ -81,6 +105,9 @@ class ResidualSimVQ(ResidualQuantizer):
         if self.channel_first:
             out = out.movedim(-1, 1)
         indices = stacked.indices.reshape(*token_shape, self.num_quantizers)
+        if return_all_codes:
+            all_codes = self.get_codes_from_indices(indices)
+            return ResidualSimVQCodesOutput(out, indices, stacked.losses, all_codes)
         return ResidualSimVQOutput(out, indices, stacked.losses)
 
     def _check_input(self, x: Tensor) -> None:

@@ -33,6 +33,7 @@ DIM = 16
 MASKABLE = {"vq", "rvq", "rvq_shared", "grvq", "rfsq", "grfsq", "rlfq", "grlfq", "rsimvq"}
 MASKABLE |= {"fsq", "lfq", "bsq", "bsq_huge"}  # -1 marks a non-finite token
 MASKABLE |= {"fsp", "evo_lfq", "binary_mapper", "hierarchical_vq"}  # the same (issue 17)
+MASKABLE |= {"rvq_beam"}  # a residual VQ: -1 marks a dropped depth (issue 17)
 # variants beyond the registered names' configs: heads, cosine, codebook_dim, map layouts
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "vq_heads_separate": ("vq", {"heads": 2, "separate_codebook_per_head": True}),
