@@ -10,6 +10,7 @@ codebook (running batch / codebook moments). All statistics are float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -106,6 +107,14 @@ class AffineCodebook(Distributable):
         self.batch_decay = batch_decay
         self.codebook_decay = codebook_decay
         self.sync = sync
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> AffineCodebook:
+        """Keep the running moments float32 when the module is cast (e.g. `.half()`)."""
+        super()._apply(fn, recurse)
+        for name, buffer in self.named_buffers(recurse=False):
+            if buffer.is_floating_point() and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return self
 
     def _ema(self, name: str, value: Tensor, decay: float) -> None:
         flag = getattr(self, f"{name}_needs_init")

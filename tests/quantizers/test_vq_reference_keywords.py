@@ -249,6 +249,7 @@ def test_affine_codebook_moments_float32_and_eval_leaves_them() -> None:
     codes = codes + affine.batch_mean[0]
     torch.testing.assert_close(quantized, codes[indices])
     torch.testing.assert_close(vq.get_output_from_indices(indices), quantized)
+    assert vq.half().affine.batch_variance.dtype == torch.float32  # moments stay float32
 
 
 def test_vq_bridge_and_in_place_optimizer_step() -> None:
