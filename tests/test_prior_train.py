@@ -5,7 +5,7 @@ the tokenizer, refuses a changed or missing tokenizer), and the bad-input errors
 
 from __future__ import annotations
 
-import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from src.models.load import NotATokenizerError
 from src.models.prior_io import TokenizerMismatchError, load_prior, load_prior_tokenizer
 from tests.conftest import compose_config
 from tests.helpers import QUICK, read_metrics_csv, run_script
+from tests.run_control_helpers import start_script, wait_for_file
 from train import train
 
 # a small Grok and a short budget: 2 epochs of 3 batches, checkpoints every 2 steps (all kept)
@@ -128,17 +129,41 @@ def test_prior_trains_logs_and_samples(prior_run) -> None:
 
 
 def test_resume_equals_uninterrupted(prior_run, tokenizer_ckpt: Path, tmp_path: Path) -> None:
+    """A real interruption: train.py in a subprocess, held after step 3 (the newest checkpoint is
+    the mid-epoch step 2), SIGKILLed, then the same command with the same run_name resumes it."""
     expected, reference_dir = prior_run
-    run_dir = tmp_path / "resumed"
-    shutil.copytree(reference_dir, run_dir)
-    # as if killed after step 3: only the mid-epoch step-2 checkpoint survives
-    for path in (run_dir / "checkpoints").iterdir():
-        if path.name != "step_0000002.ckpt":
-            path.unlink()
-    overrides = [*PRIOR, f"tokenizer_ckpt={tokenizer_ckpt}", "run_name=ref"]
+    flag = tmp_path / "held"
+    process = start_script(
+        "train.py",
+        *PRIOR,
+        f"tokenizer_ckpt={tokenizer_ckpt}",
+        "run_name=held",
+        f"paths.log_dir={tmp_path}",
+        "+callbacks.hold._target_=tests.run_control_helpers.HoldAtStep",
+        "+callbacks.hold.step=3",
+        f"+callbacks.hold.flag={flag}",
+    )
+    wait_for_file(flag, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    run_dir = tmp_path / "prior" / "runs" / "held"
+    ckpts = run_dir / "checkpoints"
+    assert int(torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"]) == 2
+    assert not list((run_dir / "samples").glob("epoch=*.png"))  # killed before any validation
+    overrides = [*PRIOR, f"tokenizer_ckpt={tokenizer_ckpt}", "run_name=held"]
     resumed = train(compose_config("train", overrides, run_dir))
     for name in FINAL:
         assert resumed[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+    # the CSV continues: every step's training loss and every validation as in the
+    # uninterrupted run. (Not the epoch means of training metrics such as train/nll: their
+    # torchmetrics state is not in the checkpoint, so the resumed epoch's mean covers only the
+    # batches after the resume point; final, validation and test metrics are unaffected.)
+    for name in ["train/loss_step", "val/nll"]:
+        got = [(r["step"], float(r[name])) for r in read_metrics_csv(run_dir) if r.get(name)]
+        ref = [(r["step"], float(r[name])) for r in read_metrics_csv(reference_dir) if r.get(name)]
+        assert [s for s, _ in got] == [s for s, _ in ref], name
+        assert [v for _, v in got] == pytest.approx([v for _, v in ref], rel=1e-5), name
 
 
 def test_sample_script_is_reproducible_and_checks_the_tokenizer(prior_run, tmp_path) -> None:
