@@ -34,6 +34,15 @@ class ResidualFSQOutput(NamedTuple):
     indices: Tensor
 
 
+class ResidualFSQCodesOutput(NamedTuple):
+    """With `return_all_codes=True`: also every layer's codes (q, ..., len(levels)) in FSQ's
+    code units, before `project_out` (zeros for dropped layers), as the reference returns."""
+
+    quantized: Tensor
+    indices: Tensor
+    all_codes: Tensor
+
+
 class FSQRefinement(nn.Module):
     """Layer `depth` of a residual FSQ: FSQ's integer grid divided by `m**depth` (see above)."""
 
@@ -132,9 +141,19 @@ class ResidualFSQ(ResidualQuantizer):
             decode="indices_to_codes",
         )
 
-    def forward(self, x: Tensor, *, num_kept: int | None = None) -> ResidualFSQOutput:
-        """Quantize `x`; indices are (..., num_quantizers)."""
+    def forward(
+        self,
+        x: Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+        *,
+        num_kept: int | None = None,
+    ) -> ResidualFSQOutput | ResidualFSQCodesOutput:
+        """Quantize `x`; indices are (..., num_quantizers). `rand_quantize_dropout_fixed_seed`
+        fixes the quantize-dropout depth (training) as the reference's keyword does."""
         self._check_input(x)
+        if num_kept is None and rand_quantize_dropout_fixed_seed is not None:
+            num_kept = self.draw_num_kept(x.device, rand_quantize_dropout_fixed_seed)
         tokens = x.movedim(1, -1) if self.is_channel_first else x
         token_shape = tokens.shape[:-1]
         z = self.project_latents(tokens.reshape(1, -1, self.dim))
@@ -148,7 +167,10 @@ class ResidualFSQ(ResidualQuantizer):
         out = self.project_codes(codes.to(z.dtype), x).reshape(*token_shape, self.dim)
         if self.is_channel_first:
             out = out.movedim(-1, 1)
-        return ResidualFSQOutput(out, indices.reshape(*token_shape, self.num_quantizers))
+        indices = indices.reshape(*token_shape, self.num_quantizers)
+        if return_all_codes:
+            return ResidualFSQCodesOutput(out, indices, self.get_codes_from_indices(indices))
+        return ResidualFSQOutput(out, indices)
 
     def from_stack_units(self, codes: Tensor) -> Tensor:
         """Layer-0 level units -> FSQ's [-1, 1] code units."""

@@ -42,3 +42,25 @@ def test_residual_fsq_hard_clamp_bound_and_its_own_soft_clamp() -> None:
         )
     with pytest.raises(ValueError, match="one per code channel"):
         ResidualFSQ(levels=levels, num_quantizers=2, soft_clamp_input_value=[1.0, 2.0])
+
+
+def test_residual_fsq_return_all_codes_and_fixed_dropout_seed() -> None:
+    torch.manual_seed(0)
+    rfsq = ResidualFSQ(levels=[8, 5, 5], num_quantizers=3, quantize_dropout=True)
+    x = torch.randn(2, 40, 3)
+    out = rfsq.eval()(x, return_all_codes=True)
+    assert out.all_codes.shape == (3, 2, 40, 3)
+    # no projection (dim = len(levels)): the output is the sum of the layers' codes
+    torch.testing.assert_close(out.all_codes.sum(0), out.quantized)
+    assert torch.equal(rfsq.get_codes_from_indices(out.indices), out.all_codes)
+    rfsq.train()
+    depths = set()
+    for seed in range(8):
+        first = rfsq(x, rand_quantize_dropout_fixed_seed=seed).indices
+        again = rfsq(x, rand_quantize_dropout_fixed_seed=seed).indices
+        assert torch.equal(first, again)  # the seed fixes the kept depth
+        kept = int((first[0, 0] >= 0).sum())
+        depths.add(kept)
+        dropped = rfsq(x, rand_quantize_dropout_fixed_seed=seed, return_all_codes=True)
+        assert (dropped.all_codes[kept:] == 0).all()
+    assert len(depths) > 1
