@@ -77,6 +77,7 @@ def test_code_batches_are_the_tokenizers_codes_and_labels(tokenizer_ckpt: Path, 
         "tokenizer_fingerprint": tokenizer.fingerprint,
         "codebook_sizes": [240],
         "grid": [7, 7],
+        "code_scales": None,  # FSQ is not multi-scale
         "num_classes": 10,
         "modality": "image",
         "sample_rate": None,

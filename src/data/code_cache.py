@@ -9,7 +9,9 @@ of a cache directory:
 
 for split in train / val / test, items in the split's fixed (unshuffled) order. The manifest
 (format "vqzoo-codes/1") records the tokenizer (checkpoint path, fingerprint, modality), the
-data config, grid, Q, codebook sizes, dtype and per split the count and file names. A run
+data config, grid, Q, codebook sizes, dtype, `code_scales` (a multi-scale tokenizer's cells per
+level, for a next-scale prior; null for others, absent in older caches) and per split the
+count and file names. A run
 with the same fingerprint and data reuses the files untouched; anything else rewrites them
 all (the old manifest is removed first, so a directory never mixes two tokenizers' codes).
 """
@@ -106,6 +108,11 @@ class CodeCache:
     @property
     def codebook_sizes(self) -> tuple[int, ...]:
         return tuple(self.manifest["codebook_sizes"])
+
+    @property
+    def code_scales(self) -> list[list[int]] | None:
+        """A multi-scale tokenizer's cells per level (None for others and older caches)."""
+        return self.manifest.get("code_scales")
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -259,6 +266,7 @@ def tokenize_splits(
         "grid": list(grid or ()),
         "num_codebooks": len(sizes),
         "codebook_sizes": list(sizes),
+        "code_scales": _code_scales(tokenizer, grid or ()),
         "dtype": dtype.name,
         "splits": entries,
         "seconds": round(time.perf_counter() - started, 3),
@@ -272,6 +280,12 @@ def tokenize_splits(
         f", Q={len(sizes)}) in {manifest['seconds']:.2f} s"
     )
     return CodeCache(directory, manifest)
+
+
+def _code_scales(tokenizer: Any, grid: tuple[int, ...]) -> list[list[int]] | None:
+    """The tokenizer's cells per level on `grid` (codes API `code_scales`), else None."""
+    code_scales = getattr(tokenizer, "code_scales", None)
+    return code_scales(grid) if callable(code_scales) and grid else None
 
 
 def _check_writable(directory: Path) -> None:

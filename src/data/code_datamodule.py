@@ -5,9 +5,10 @@ The codes come from the code cache of src/data/code_cache.py: the tokenizer chec
 `<tokenizer run>/codes` (or `codes_dir`) and reused by every later run. Batches are
 `(codes, labels)`: codes `(B, *grid, Q)` long, labels `(B,)` long (`-1` when unconditional).
 
-What the prior must know about the tokenizer (checkpoint, fingerprint, code slots, grid,
-classes, modality, sample rate) is `model_keywords()`; train.py passes it to a model config
-that leaves those keys null (src/utils/config_checks.py `model_overrides`).
+What the prior must know about the tokenizer (checkpoint, fingerprint, code slots, grid, a
+multi-scale tokenizer's code scales, classes, modality, sample rate) is `model_keywords()`;
+train.py passes it to a model config that leaves those keys null
+(src/utils/config_checks.py `model_overrides`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class CodeDataModule(SplitImageDataModule):
                 "tokenizer_fingerprint": cache.fingerprint,
                 "codebook_sizes": list(cache.codebook_sizes),
                 "grid": list(cache.grid),
+                "code_scales": cache.code_scales,
                 "num_classes": self._num_classes(cache),
                 "modality": cache.manifest["tokenizer"].get("modality"),
                 "sample_rate": self._sample_rate(),

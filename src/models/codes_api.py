@@ -6,6 +6,11 @@ axis holds the `Q = num_codebooks` codes of a position (residual depth x groups 
 the order of `codebook_sizes`; group-major for grouped quantizers). Slot `q` holds indices in
 `[0, codebook_sizes[q])`.
 
+A multi-scale tokenizer (quantizer=hierarchical_vq) has one slot per scale (level): slot `k` of
+a position holds the code of the level-`k` cell it falls in. `code_scales(grid)` names those
+cells, `codes_per_scale(codes)` gives each level's codes `(B, *scale_k)` (what a next-scale
+prior predicts, src/prior/next_scale_layout.py) and `codes_from_scales` turns them back.
+
 Encoding and decoding always run as in eval mode and without gradients, whatever the module's
 mode (a tokenizer held inside another model that is training stays frozen and deterministic);
 each submodule's mode is restored afterwards.
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from src.prior.scales import codes_to_scales, scales_to_codes
 from src.quantizers import IndexLayout, index_layout, slots_to_indices
 
 
@@ -73,6 +79,38 @@ class CodesAPI:
             digest.update(f"\n{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    def code_scales(self, grid: Sequence[int]) -> list[list[int]] | None:
+        """A multi-scale quantizer's cells per level for codes on `grid`: `[n]` = n cells along
+        the positions in raster order (the quantizer sees the latent map as a sequence; each
+        level capped at the positions, as its slots are). None for other quantizers."""
+        shapes = getattr(self.quantizer, "level_shapes", None)
+        if shapes is None:
+            return None
+        if getattr(self.quantizer, "spatial_dims", 1) != 1:
+            raise ValueError("a tokenizer hands its quantizer a sequence: scales must be 1-d")
+        positions = 1
+        for size in grid:
+            positions *= int(size)
+        return [[min(int(shape[0]), positions)] for shape in shapes]
+
+    def codes_per_scale(self, codes: Tensor) -> tuple[Tensor, ...]:
+        """Codes (B, *grid, Q) of a multi-scale tokenizer -> each level's codes (B, *scale_k),
+        coarse to fine."""
+        return codes_to_scales(codes, self._scales_of(tuple(codes.shape[1:-1])))
+
+    def codes_from_scales(self, levels: Sequence[Tensor], grid: Sequence[int]) -> Tensor:
+        """Inverse of `codes_per_scale`: per-level codes -> codes (B, *grid, Q)."""
+        return scales_to_codes(levels, self._scales_of(tuple(grid)), grid)
+
+    def _scales_of(self, grid: tuple[int, ...]) -> list[list[int]]:
+        scales = self.code_scales(grid)
+        if scales is None:
+            raise ValueError(
+                f"{type(self.quantizer).__name__} is not a multi-scale quantizer: its codes have "
+                "no scales (quantizer=hierarchical_vq has them)"
+            )
+        return scales
 
     # ---- encode / decode -------------------------------------------------------------------
 

@@ -7,6 +7,9 @@ with a class (or null) prefix, randomly replaced by the null token with probabil
 entropy over the code targets, each softmax restricted to the ids its step may hold (the
 sampler's constraint), plus the MoE auxiliary loss.
 
+``layout=next_scale`` (a multi-scale tokenizer, quantizer=hierarchical_vq) orders the codes
+coarse scale first, as VAR does; its ``code_scales`` come from the code cache.
+
 What the tokenizer is (checkpoint path, fingerprint, code slots, grid, classes, modality) is
 stored in the prior's hyperparameters, filled in from the datamodule by train.py, so a prior
 checkpoint alone says which tokenizer decodes its samples (src/models/prior_load.py).
@@ -56,6 +59,7 @@ class CodePrior(VqzooModule):
         num_classes: int | None = None,
         modality: str | None = None,
         sample_rate: int | None = None,
+        code_scales: list[list[int]] | None = None,
         layout: str = "flatten",
         max_factor_bits: int | None = None,
         class_dropout: float = 0.1,
@@ -76,7 +80,9 @@ class CodePrior(VqzooModule):
         if not 0.0 <= class_dropout <= 1.0:
             raise ValueError(f"class_dropout must be in [0, 1], got {class_dropout}")
         self.save_hyperparameters(ignore=["net"])
-        self.layout = make_layout(layout, codebook_sizes, grid, num_classes, max_factor_bits)
+        self.layout = make_layout(
+            layout, codebook_sizes, grid, num_classes, max_factor_bits, scales=code_scales
+        )
         config = grok_config(net, self.layout.vocab_size * self.layout.num_streams)
         # stored as plain fields: the checkpoint loads with weights_only=True
         self.hparams["net"] = dataclasses.asdict(config)
