@@ -377,7 +377,9 @@ class VectorQuantize(CodebookState, QuantizerContract):
         reference's other call keywords:
         - `topk=k` (one head): the k nearest codes, nearest first: quantized
           (..., k, dim) (channel-first layouts: the k axis last), indices (..., k), and a
-          per-token commitment loss (..., k) (zero where masked); no codebook update.
+          per-token commitment loss (..., k) (zero where masked); no codebook update. In
+          training with `stochastic_sample_codes`: k codes drawn without replacement from
+          softmax(logits / temperature) (Gumbel-top-k, as the reference).
         - `indices` (..., [heads]): returns (quantized, cross-entropy of the code logits
           against these codes) instead, -1 ignored (the reference returns the pre-projection
           codes there; ours are in the input layout like every other output).
@@ -574,7 +576,7 @@ class VectorQuantize(CodebookState, QuantizerContract):
                     logits = logits / temp - noise
                 return logits.argmax(dim=-1, keepdim=True)
         if k:
-            return topk_codes(latents[:, 0], codebook, k, self.use_cosine_sim)
+            return topk_codes(latents[:, 0], codebook, k, self.use_cosine_sim, temp)
         return self._search(latents, codebook, temp)
 
     @staticmethod

@@ -45,15 +45,22 @@ def code_logits(latents: Tensor, codebook: Tensor, use_cosine_sim: bool) -> Tens
         return -torch.cdist(latents, codebook)
 
 
-def topk_codes(latents: Tensor, codebook: Tensor, k: int, use_cosine_sim: bool) -> Tensor:
+def topk_codes(
+    latents: Tensor, codebook: Tensor, k: int, use_cosine_sim: bool, temperature: float = 0.0
+) -> Tensor:
     """(N, k) indices of the k nearest codes, nearest first, without autograd.
 
     Scores are 2·x·c - |c|² (Euclidean; the negative squared distance up to a per-row
     constant, so the same order as the distance) or x·c (cosine, unit rows): one matmul and
-    one `topk`, no square roots.
+    one `topk`, no square roots. `temperature > 0` (training with `stochastic_sample_codes`,
+    as the reference): k codes drawn without replacement from softmax(logits / temperature)
+    with `code_logits` (minus the distance, or the dot product), by Gumbel-top-k.
     """
     with torch.no_grad(), torch.autocast(device_type=latents.device.type, enabled=False):
         x, c = latents.detach().float(), codebook.detach().float()
+        if temperature > 0:
+            logits = code_logits(x, c, use_cosine_sim) / temperature
+            return (logits - torch.empty_like(logits).exponential_().log_()).topk(k, -1).indices
         if use_cosine_sim:
             scores = x @ c.t()
         else:
