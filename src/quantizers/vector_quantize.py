@@ -93,7 +93,10 @@ class VectorQuantize(CodebookState, QuantizerContract):
     `freeze_codebook` stops all codebook changes, `kmeans_init` and dead-code revival included.
     `sync_codebook` is accepted for compatibility and does nothing: whether statistics are
     synchronised is decided at call time by the installed communicator (`set_communicator`),
-    which also covers a quantizer built before the process group existed.
+    which also covers a quantizer built before the process group existed. `sync_kmeans` too:
+    k-means always runs on every rank's tokens and rank 0's result is broadcast (the
+    reference's `sync_kmeans=False` would seed each rank's codebook from its own batch and
+    leave the ranks' codebooks different).
     """
 
     def __init__(
