@@ -8,7 +8,7 @@ Layer protocol (what `ResidualStack` needs from each layer):
   (a NamedTuple is fine) `(quantized, indices[, loss, ...])`: `quantized` with `x`'s shape and
   value equal to the decoded codes, `indices` int64 of shape `(batch, seq)`, and optionally a
   loss tensor of any fixed shape (VectorQuantize: (1,); LFQ: ()). Extra fields are ignored.
-- `codebook_size` (the same on every layer; indices are checked against it) and a decode
+- `codebook_size` (indices at depth i are checked against layer i's) and a decode
   method, named by the stack's `decode` argument (default `get_output_from_indices`;
   FSQ-like layers pass `decode="indices_to_codes"`), mapping `(batch, seq)` indices in
   `[0, codebook_size)` to `(batch, seq, dim)` values equal to what forward returned in eval
@@ -25,6 +25,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -36,6 +37,11 @@ from src.quantizers.contract import check_index_range
 # Makes one layer object that appears several times in the stack (a shared codebook) collect
 # its state updates over the whole pass and apply them once when the context exits.
 DeferUpdates = Callable[[nn.Module], AbstractContextManager[None]]
+# Implicit neural codebooks (QINCo): `transform(codebook, condition=sum of the earlier
+# depths' codes)` gives each token its own codebook; it reaches the layer (which must take a
+# `codebook_transform_fn` keyword in forward and decode, like VectorQuantize) bound to the
+# running sum. One entry per depth, None for a depth that searches its stored codebook.
+CodebookTransforms = Sequence[Callable[..., Tensor] | None]
 
 
 def frac_gradient(t: Tensor, frac: float) -> Tensor:
@@ -154,6 +160,7 @@ class ResidualStack(Distributable):
         num_kept: int | None = None,
         return_all_codes: bool = False,
         quant_grad_frac: float = 0.0,
+        codebook_transforms: CodebookTransforms | None = None,
         **layer_kwargs: object,
     ) -> ResidualStackOutput:
         """Quantize channel-last `x` (batch, seq, dim) with the first `num_kept` layers.
@@ -163,12 +170,15 @@ class ResidualStack(Distributable):
         fraction of a layer's output gradient flow through the next layers' residual (0: the
         next layer only fixes this one's error). The running residual and the sum are
         float32, so bf16 autocast does not erode the fine layers' small residuals.
+        `codebook_transforms` (see `CodebookTransforms`) makes depth i search a per-token
+        codebook conditioned on the running sum (with its gradient) of depths < i.
         """
         if num_kept is None:
             num_kept = self.draw_num_kept(x.device)
         num_kept = self.depth if num_kept is None else num_kept
         if not 1 <= num_kept <= self.depth:
             raise ValueError(f"num_kept must lie in [1, {self.depth}], got {num_kept}")
+        self._check_transforms(codebook_transforms)
 
         residual = x.float()
         total = torch.zeros_like(residual)
@@ -179,7 +189,8 @@ class ResidualStack(Distributable):
         context = self.defer_updates(self.layers[0]) if deferred else nullcontext()
         with context:
             for i in range(num_kept):
-                out = self.layer(i)(residual, **layer_kwargs)
+                kwargs = _with_transform(layer_kwargs, codebook_transforms, i, total)
+                out = self.layer(i)(residual, **kwargs)
                 quantized = out[0].float()
                 # the next layer learns to fix this one's error, not to move its codes
                 if quant_grad_frac > 0:
@@ -202,34 +213,75 @@ class ResidualStack(Distributable):
         all_codes = torch.stack(codes) if return_all_codes else None
         return ResidualStackOutput(total, torch.stack(indices, dim=-1), stacked_losses, all_codes)
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+    def _check_transforms(self, transforms: CodebookTransforms | None) -> None:
+        if transforms is None:
+            return
+        if len(transforms) != self.depth or transforms[0] is not None:
+            raise ValueError(
+                f"codebook_transforms needs {self.depth} entries (one per depth), the first "
+                f"None (depth 0 has no earlier codes to condition on); got {len(transforms)}"
+            )
+
+    def get_codes_from_indices(
+        self, indices: Tensor, codebook_transforms: CodebookTransforms | None = None
+    ) -> Tensor:
         """Per-layer outputs (depth, *indices.shape[:-1], dim); -1 entries decode to zero.
 
         `indices` is (..., q) with q <= depth; missing trailing layers count as dropped.
+        With `codebook_transforms` (as forward's) each depth decodes against the codebook
+        conditioned on the sum of the codes decoded before it, in forward's order of
+        additions, so the values equal forward's.
         """
         if indices.ndim < 1 or not 1 <= indices.shape[-1] <= self.depth:
             raise ValueError(
                 f"indices must be (batch, seq, q) with 1 <= q <= {self.depth}, "
                 f"got shape {tuple(indices.shape)}"
             )
-        check_index_range(indices, int(self.layer(0).codebook_size), self.owner, allow_masked=True)
+        sizes = [int(self.layer(i).codebook_size) for i in range(self.depth)]
+        if len(set(sizes)) == 1:
+            check_index_range(indices, sizes[0], self.owner, allow_masked=True)
+        else:  # a codebook size per depth: check each column against its own
+            for i in range(indices.shape[-1]):
+                depth_owner = f"{self.owner} (depth {i})"
+                check_index_range(indices[..., i], sizes[i], depth_owner, allow_masked=True)
         batch_shape = indices.shape[:-1]
         flat = indices.reshape(-1, indices.shape[-1]).long()
         if flat.shape[-1] < self.depth:
             flat = nn.functional.pad(flat, (0, self.depth - flat.shape[-1]), value=-1)
+        self._check_transforms(codebook_transforms)
         codes = []
+        total: Tensor | None = None  # the sum of the codes decoded so far, as forward adds
         for i in range(self.depth):
             layer_indices = flat[:, i]
             dropped = layer_indices < 0
-            decoded = getattr(self.layer(i), self.decode)(layer_indices.clamp_min(0)[None])[0]
-            codes.append(decoded.float().masked_fill(dropped.unsqueeze(-1), 0.0))
+            kwargs = (
+                {} if total is None else _with_transform({}, codebook_transforms, i, total[None])
+            )
+            decoded = getattr(self.layer(i), self.decode)(
+                layer_indices.clamp_min(0)[None], **kwargs
+            )[0]
+            layer_codes = decoded.float().masked_fill(dropped.unsqueeze(-1), 0.0)
+            codes.append(layer_codes)
+            if codebook_transforms is not None:
+                total = (torch.zeros_like(layer_codes) if total is None else total) + layer_codes
         stacked = torch.stack(codes)
         return stacked.reshape(self.depth, *batch_shape, stacked.shape[-1])
 
-    def get_output_from_indices(self, indices: Tensor) -> Tensor:
+    def get_output_from_indices(
+        self, indices: Tensor, codebook_transforms: CodebookTransforms | None = None
+    ) -> Tensor:
         """The summed output (*indices.shape[:-1], dim) that forward gives for these indices."""
-        codes = self.get_codes_from_indices(indices)
+        codes = self.get_codes_from_indices(indices, codebook_transforms)
         total = torch.zeros_like(codes[0])
         for layer_codes in codes:  # forward's order of additions, so eval values match exactly
             total = total + layer_codes
         return total
+
+
+def _with_transform(
+    layer_kwargs: dict, transforms: CodebookTransforms | None, depth: int, total: Tensor
+) -> dict:
+    """`layer_kwargs`, plus depth's codebook transform bound to the running sum `total`."""
+    if transforms is None or transforms[depth] is None:
+        return layer_kwargs
+    return {**layer_kwargs, "codebook_transform_fn": partial(transforms[depth], condition=total)}

@@ -309,24 +309,38 @@ class VectorQuantize(CodebookState, QuantizerContract):
             return 0
         return torch.arange(self.heads, device=device) * self.codebook_size
 
-    def get_codes_from_indices(self, indices: Tensor) -> Tensor:
+    def get_codes_from_indices(
+        self, indices: Tensor, codebook_transform_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
         """Codebook vectors, heads concatenated: indices (..., [heads]) -> (..., heads·cb_dim).
 
-        Index -1 (a masked position) gives a zero vector.
+        Index -1 (a masked position) gives a zero vector. `codebook_transform_fn` (one head)
+        is forward's: each position's code is then read from its own transformed codebook.
         """
         idx = indices if self.heads > 1 else indices.unsqueeze(-1)
         if idx.shape[-1] != self.heads:
             raise ValueError(f"indices must end in a heads axis of {self.heads}, got {idx.shape}")
+        if codebook_transform_fn is not None and self.heads > 1:
+            raise ValueError("codebook_transform_fn works with heads=1 only")
         check_index_range(indices, self.codebook_size, self, allow_masked=True)
         flat = idx.clamp_min(0) + self._head_offsets(idx.device)
-        codebook = self._search_codebook(self.freeze_codebook, None, idx.shape[:-1])
-        codes = F.embedding(flat, codebook).masked_fill((idx < 0).unsqueeze(-1), 0)
+        codebook = self._search_codebook(
+            self.freeze_codebook, codebook_transform_fn, idx.shape[:-1]
+        )
+        if codebook.ndim == 3:  # (N, K, d): one codebook per position
+            codes = self._gather(codebook, flat.reshape(-1, 1)).reshape(*flat.shape, -1)
+        else:
+            codes = F.embedding(flat, codebook)
+        codes = codes.masked_fill((idx < 0).unsqueeze(-1), 0)
         return codes.reshape(*idx.shape[:-1], self.heads * self.codebook_dim)
 
-    def decode_indices(self, indices: Tensor) -> Tensor:
+    def decode_indices(
+        self, indices: Tensor, codebook_transform_fn: Callable[[Tensor], Tensor] | None = None
+    ) -> Tensor:
         """Decode indices to the forward output (after project_out, in the input layout);
-        -1 (masked) gives zeros, any other index outside [0, codebook_size) an error."""
-        codes = self.get_codes_from_indices(indices)
+        -1 (masked) gives zeros, any other index outside [0, codebook_size) an error.
+        `codebook_transform_fn`: as forward's (implicit neural codebooks)."""
+        codes = self.get_codes_from_indices(indices, codebook_transform_fn)
         if isinstance(self.project_out, nn.Linear):
             codes = codes.to(self.project_out.weight.dtype)
         masked = (indices < 0) if self.heads == 1 else (indices < 0).any(-1)
