@@ -72,6 +72,11 @@ class GroupedResidual(Distributable, QuantizerContract):
         self._register_load_state_dict_pre_hook(_rename_legacy_keys)
         register_reference_keys(self)  # and the reference library's `rvqs.<g>.` keys
 
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Each slot's size, group-major (every group has its members' per-depth sizes)."""
+        return tuple(self.members[0].codebook_sizes) * self.groups
+
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to every group too, even without `install_communicator`."""
         share_communicator(self, communicator)

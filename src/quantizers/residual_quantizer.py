@@ -20,7 +20,12 @@ from src.quantizers.communicator import Communicator, Distributable
 from src.quantizers.contract import QuantizerContract
 from src.quantizers.float_input import check_float_input, like_input, project
 from src.quantizers.reference_checkpoint import register_reference_keys
-from src.quantizers.residual import DeferUpdates, ResidualStack, share_communicator
+from src.quantizers.residual import (
+    CodebookTransforms,
+    DeferUpdates,
+    ResidualStack,
+    share_communicator,
+)
 
 
 class ResidualQuantizer(Distributable, QuantizerContract):
@@ -62,8 +67,22 @@ class ResidualQuantizer(Distributable, QuantizerContract):
         )
         self.num_quantizers = self.stack.depth
         self.num_codebooks = self.stack.depth
-        self.codebook_size: int = int(self.stack.layer(0).codebook_size)
+        self.depth_codebook_sizes = tuple(
+            int(self.stack.layer(i).codebook_size) for i in range(self.stack.depth)
+        )
+        # the largest when the depths differ (ResidualVQ(codebook_size=(5, 128, 256)));
+        # `codebook_sizes` has each depth's
+        self.codebook_size: int = max(self.depth_codebook_sizes)
         register_reference_keys(self)  # load_state_dict takes the reference library's keys
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:  # type: ignore[override]
+        """The codebook size of each depth (the contract's per-slot sizes)."""
+        return self.depth_codebook_sizes
+
+    def codebook_transforms(self) -> CodebookTransforms | None:
+        """Per-depth codebook transforms (implicit neural codebooks); None: stored codebooks."""
+        return None
 
     def set_communicator(self, communicator: Communicator) -> None:
         """Hand the communicator to the stack and its layers too."""
@@ -104,13 +123,15 @@ class ResidualQuantizer(Distributable, QuantizerContract):
         """Per-layer codes (num_quantizers, *indices.shape[:-1], codebook_dim) before
         `project_out`; -1 (a dropped layer) and missing trailing layers give zeros."""
         self.check_indices(indices)
-        return self.from_stack_units(self.stack.get_codes_from_indices(indices))
+        codes = self.stack.get_codes_from_indices(indices, self.codebook_transforms())
+        return self.from_stack_units(codes)
 
     def decode_indices(self, indices: Tensor) -> Tensor:
         """Decode indices (..., q <= num_quantizers) into the eval forward's output, in the
         input layout (the contract's decode)."""
         self.check_indices(indices)
-        summed = self.from_stack_units(self.stack.get_output_from_indices(indices))
+        transforms = self.codebook_transforms()
+        summed = self.from_stack_units(self.stack.get_output_from_indices(indices, transforms))
         out = self.project_out(summed.to(self.project_dtype()))
         return out.movedim(-1, 1) if self.channel_first else out
 

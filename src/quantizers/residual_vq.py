@@ -7,7 +7,9 @@ file only builds VectorQuantize layers, projects in and out once, and handles in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -15,8 +17,9 @@ from torch import Tensor, nn
 
 from src.quantizers.beam_search import BeamResult, beam_search, path_inputs
 from src.quantizers.grouped import GroupedResidual
+from src.quantizers.implicit_codebook import CodebookMLP
 from src.quantizers.registry import register_quantizer
-from src.quantizers.residual import ResidualStackOutput
+from src.quantizers.residual import CodebookTransforms, ResidualStackOutput
 from src.quantizers.residual_quantizer import ResidualQuantizer
 from src.quantizers.vector_quantize import VectorQuantize
 from src.quantizers.vq_options import directional_reparam
@@ -25,7 +28,8 @@ DIVEQ_VARIANCE = 5e-3  # the reference's noise on the DiVeQ direction
 
 
 class ResidualVQOutput(NamedTuple):
-    """quantized (input layout), indices (..., Q) with -1 for dropped layers, loss (1, Q)."""
+    """quantized (input layout), indices (..., Q) with -1 for dropped layers, loss (1, Q)
+    ((Q,) from a beam search, as the reference returns it there)."""
 
     quantized: Tensor
     indices: Tensor
@@ -60,14 +64,22 @@ class ResidualVQ(ResidualQuantizer):
     of the summed codes (DiVeQ) instead of EMA, with zero per-depth losses;
     `return_zeros_for_masked_padding=False` passes masked positions through unchanged.
     `heads` must be 1, as in the reference.
+
+    `codebook_size` may be a sequence, one size per depth (`num_quantizers` then defaults to
+    its length; TIGER-style semantic IDs): `codebook_sizes` reports each depth's size and
+    `codebook_size` the largest. `implicit_neural_codebook=True` (QINCo, Huijben et al.
+    2024): every depth after the first searches a per-token codebook, its stored codes
+    through a `CodebookMLP` (`mlp_kwargs`: `dim_hidden`, `depth`, `l2norm_output`)
+    conditioned on the sum of the earlier depths' codes; as in the reference the codebooks
+    are then learned by gradient (`learnable_codebook=True, ema_update=False`).
     """
 
     def __init__(
         self,
         *,
         dim: int,
-        num_quantizers: int,
-        codebook_size: int,
+        num_quantizers: int | None = None,
+        codebook_size: int | Sequence[int],
         codebook_dim: int | None = None,
         shared_codebook: bool = False,
         quantize_dropout: bool = False,
@@ -88,10 +100,18 @@ class ResidualVQ(ResidualQuantizer):
         super().__init__()
         if heads != 1:
             raise ValueError(f"ResidualVQ takes heads=1 only (as the reference), got {heads}")
-        if implicit_neural_codebook or mlp_kwargs:
-            raise NotImplementedError(
-                "ResidualVQ(implicit_neural_codebook=True) (QINCo) is not implemented here; "
-                "VectorQuantize(codebook_transform_fn=...) is the hook it would use"
+        sizes = _depth_codebook_sizes(codebook_size, num_quantizers)
+        num_quantizers = len(sizes)
+        if shared_codebook and len(set(sizes)) != 1:
+            raise ValueError(
+                f"shared_codebook=True needs one codebook size for every depth, got {sizes}"
+            )
+        if mlp_kwargs and not implicit_neural_codebook:
+            raise ValueError("mlp_kwargs configures implicit_neural_codebook=True; pass both")
+        if implicit_neural_codebook and (beam_size or 1) * (eval_beam_size or 1) > 1:
+            raise ValueError(
+                "implicit_neural_codebook=True does not combine with beam search here (each "
+                "beam would need its own per-token codebooks); leave beam_size unset"
             )
         if eval_beam_size is not None and beam_size is None:
             raise ValueError("eval_beam_size needs beam_size (the training beam) as well")
@@ -115,6 +135,8 @@ class ResidualVQ(ResidualQuantizer):
         self.quant_grad_frac = 1.0 if diveq else quant_grad_frac
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         vq_kwargs["return_zeros_for_masked_padding"] = return_zeros_for_masked_padding
+        if implicit_neural_codebook:  # the MLPs and codebooks learn by gradient (reference)
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
         if diveq:  # codebooks learn through the reparameterised sum, not EMA or their losses
             vq_kwargs.update(
                 ema_update=False,
@@ -122,24 +144,19 @@ class ResidualVQ(ResidualQuantizer):
                 route_gradients_to_input=False,
                 commitment_weight=0.0,
             )
-        if not isinstance(codebook_size, int) or codebook_size < 1:
-            raise ValueError(f"codebook_size must be a positive int, got {codebook_size!r}")
-        if num_quantizers < 1:
-            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
         codebook_dim = dim if codebook_dim is None else codebook_dim
         self.shared_codebook = shared_codebook
         self.accept_image_fmap = accept_image_fmap
         self.channel_first = accept_image_fmap
         self.init_projections(dim, codebook_dim)
 
-        def make_layer() -> VectorQuantize:
+        def make_layer(size: int) -> VectorQuantize:
             return VectorQuantize(
-                dim=codebook_dim, codebook_size=codebook_size, codebook_dim=codebook_dim,
-                **vq_kwargs,
-            )  # fmt: skip
+                dim=codebook_dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs
+            )
 
         self.init_stack(
-            [make_layer()] if shared_codebook else [make_layer() for _ in range(num_quantizers)],
+            [make_layer(sizes[0])] if shared_codebook else [make_layer(n) for n in sizes],
             depth=num_quantizers if shared_codebook else None,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
@@ -147,11 +164,26 @@ class ResidualVQ(ResidualQuantizer):
             decode="get_output_from_indices",
             defer_updates=VectorQuantize.pooled_updates if shared_codebook else None,
         )
+        self.implicit_neural_codebook = implicit_neural_codebook
+        if implicit_neural_codebook:  # one MLP per depth after the first (reference: `mlps`)
+            mlp_kwargs = {"l2norm_output": self.stack.layer(0).use_cosine_sim, **(mlp_kwargs or {})}
+            self.mlps = nn.ModuleList(
+                CodebookMLP(codebook_dim, **mlp_kwargs) for _ in range(num_quantizers - 1)
+            )
+
+    def codebook_transforms(self) -> CodebookTransforms | None:
+        """[None, mlp_1, ..., mlp_{Q-1}] with implicit neural codebooks, else None."""
+        if not self.implicit_neural_codebook:
+            return None
+        return [None, *self.mlps]
 
     @property
-    def codebooks(self) -> Tensor:
-        """(num_quantizers, codebook_size, codebook_dim) float32 codebooks, one per depth."""
-        return torch.stack([layer.codebook for layer in self.layers])
+    def codebooks(self) -> Tensor | tuple[Tensor, ...]:
+        """(num_quantizers, codebook_size, codebook_dim) float32 codebooks, one per depth (a
+        tuple of (size_i, codebook_dim) when the depths' sizes differ, as the reference).
+        With implicit neural codebooks these are the stored codes before the MLPs."""
+        books = [layer.codebook for layer in self.layers]
+        return torch.stack(books) if len(set(self.codebook_sizes)) == 1 else tuple(books)
 
     # ---- layout ---------------------------------------------------------------------------
 
@@ -226,6 +258,10 @@ class ResidualVQ(ResidualQuantizer):
         if beam is None:
             beam = self.beam_size if self.training else self.eval_beam_size
         if beam is not None and beam > 1:
+            if self.implicit_neural_codebook:
+                raise ValueError(
+                    "implicit_neural_codebook=True does not combine with beam_size > 1"
+                )
             stacked = self._beam(projected, beam, num_kept, return_all_codes, layer_kwargs)
         else:
             stacked = self.stack(
@@ -233,6 +269,7 @@ class ResidualVQ(ResidualQuantizer):
                 num_kept=num_kept,
                 return_all_codes=return_all_codes,
                 quant_grad_frac=self.quant_grad_frac,
+                codebook_transforms=self.codebook_transforms(),
                 **layer_kwargs,
             )
         total = stacked.quantized
@@ -285,7 +322,8 @@ class ResidualVQ(ResidualQuantizer):
         else:
             losses = (found.losses * valid.unsqueeze(-1)).sum(0) / valid.sum().clamp_min(1)
         dropped = self.num_quantizers - kept
-        losses = torch.cat([losses, losses.new_zeros(dropped)]).unsqueeze(0)
+        # (Q,): the reference's shape for a beam search (its greedy pass gives (1, Q))
+        losses = torch.cat([losses, losses.new_zeros(dropped)])
         indices = torch.cat([found.indices, found.indices.new_full((m, dropped), -1)], dim=-1)
         if mask is not None:
             layer_kwargs["mask"] = mask
@@ -344,10 +382,12 @@ class ResidualVQ(ResidualQuantizer):
         residual = projected.float()
         total = torch.zeros_like(residual)
         ce = residual.new_zeros(())
+        transforms = self.codebook_transforms()
         for depth in range(self.num_quantizers):
-            quantized, loss = self.stack.layer(depth)(
-                residual, indices=codes[..., depth], **layer_kwargs
-            )
+            kwargs = dict(layer_kwargs)
+            if transforms is not None and transforms[depth] is not None:
+                kwargs["codebook_transform_fn"] = partial(transforms[depth], condition=total)
+            quantized, loss = self.stack.layer(depth)(residual, indices=codes[..., depth], **kwargs)
             residual = residual - quantized.detach().float()
             total = total + quantized.float()
             ce = ce + loss
@@ -430,3 +470,35 @@ class BeamResidualVQ(ResidualVQ):
         self, *, beam_size: int | None = 2, eval_beam_size: int | None = 4, **kwargs: Any
     ) -> None:
         super().__init__(beam_size=beam_size, eval_beam_size=eval_beam_size, **kwargs)
+
+
+def _depth_codebook_sizes(
+    codebook_size: int | Sequence[int], num_quantizers: int | None
+) -> tuple[int, ...]:
+    """One codebook size per depth from the reference's `codebook_size` / `num_quantizers`."""
+    if isinstance(codebook_size, int):
+        if num_quantizers is None:
+            raise ValueError(
+                "ResidualVQ needs num_quantizers, or codebook_size as a sequence with one "
+                f"size per depth; got codebook_size={codebook_size} and no num_quantizers"
+            )
+        sizes = (codebook_size,) * num_quantizers
+    elif isinstance(codebook_size, Sequence) and not isinstance(codebook_size, str):
+        sizes = tuple(codebook_size)
+        if num_quantizers is not None and num_quantizers != len(sizes):
+            raise ValueError(
+                f"codebook_size has {len(sizes)} sizes (one per depth) but num_quantizers="
+                f"{num_quantizers}; drop num_quantizers or make them agree"
+            )
+    else:
+        raise ValueError(
+            f"codebook_size must be an int or a sequence of ints, got {codebook_size!r}"
+        )
+    if not sizes or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes
+    ):
+        raise ValueError(
+            f"ResidualVQ needs num_quantizers >= 1 and positive int codebook sizes, got "
+            f"codebook_size={codebook_size!r}, num_quantizers={num_quantizers}"
+        )
+    return sizes
