@@ -24,6 +24,9 @@ from src.quantizers.reference_checkpoint import (
 SEQ = (2, 10, 16)
 IMAGE = (2, 16, 4, 4)
 
+RVQ3 = {"codebook_size": 32, "num_quantizers": 3}
+MLP = {"depth": 2, "dim_hidden": 24}
+
 # (class, keywords, input shape, loads through plain load_state_dict)
 CASES = [
     ("VectorQuantize", {"codebook_size": 32}, SEQ, True),
@@ -50,6 +53,32 @@ CASES = [
     ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3, "shared_codebook": True}, SEQ, True),
     ("ResidualVQ", {"codebook_size": 32, "num_quantizers": 3, "use_cosine_sim": True}, SEQ, True),
     ("GroupedResidualVQ", {"codebook_size": 32, "num_quantizers": 2, "groups": 2}, SEQ, True),
+    # implicit neural codebooks (QINCo): the reference's `mlps.<i>.` load unchanged
+    ("ResidualVQ", {**RVQ3, "implicit_neural_codebook": True}, SEQ, True),
+    ("ResidualVQ", {**RVQ3, "implicit_neural_codebook": True, "shared_codebook": True}, SEQ, True),
+    (
+        "ResidualVQ",
+        {**RVQ3, "implicit_neural_codebook": True, "codebook_dim": 8, "mlp_kwargs": MLP},
+        SEQ,
+        True,
+    ),
+    # a codebook size per depth, without num_quantizers
+    ("ResidualVQ", {"codebook_size": (8, 16, 32)}, SEQ, True),
+    ("ResidualVQ", {"codebook_size": (8, 16, 32), "implicit_neural_codebook": True}, SEQ, True),
+    ("GroupedResidualVQ", {"codebook_size": (8, 16), "groups": 2}, SEQ, True),
+    # beam search (eval mode searches with eval_beam_size)
+    ("ResidualVQ", {**RVQ3, "beam_size": 2, "eval_beam_size": 3}, SEQ, True),
+    (
+        "ResidualVQ",
+        {
+            **RVQ3,
+            "beam_size": 2,
+            "beam_score_quantizer_weights": [1.0, 0.5, 2.0],
+            "codebook_dim": 8,
+        },
+        SEQ,
+        True,
+    ),
     ("FSQ", {"levels": [8, 5, 5]}, SEQ, True),
     ("LFQ", {"codebook_size": 256}, SEQ, False),
     ("LFQ", {"codebook_size": 16, "num_codebooks": 2}, SEQ, False),
@@ -121,6 +150,26 @@ def test_reference_state_dict_loads_and_eval_outputs_match(case: tuple) -> None:
             torch.testing.assert_close(mine.indices_to_codes(got[1]), got[0])
             continue
         assert torch.equal(got[1].long(), expected[1].long())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_beam_search_losses_equal_the_references(masked: bool) -> None:
+    """A beam search returns the reference's per-depth losses: shape (Q,) (its greedy pass and
+    ours give (1, Q)), the mean over valid tokens of each depth's commitment on the chosen
+    path; quantize dropout zeroes the dropped depths in both."""
+    kwargs = {**RVQ3, "beam_size": 2, "eval_beam_size": 3}
+    ref = _trained_reference("ResidualVQ", kwargs, SEQ)
+    mine = ours.ResidualVQ(dim=16, **kwargs)
+    mine.load_state_dict(ref.state_dict())
+    mine.eval()
+    x = torch.randn(*SEQ, generator=torch.Generator().manual_seed(5))
+    mask = torch.rand(SEQ[:2], generator=torch.Generator().manual_seed(6)) > 0.3
+    call = {"mask": mask} if masked else {}
+    with torch.no_grad():
+        expected, got = ref(x, **call), mine(x, **call)
+    assert got.loss.shape == expected[2].shape == (3,)
+    torch.testing.assert_close(got.loss, expected[2], rtol=0, atol=1e-6)
+    assert torch.equal(got.indices, expected[1])
 
 
 def test_conversion_is_idempotent_and_leaves_our_own_keys_alone() -> None:
