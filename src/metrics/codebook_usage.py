@@ -12,7 +12,7 @@ concatenated (`cat`) and merged in `compute`, which is the same sum of counts.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,11 @@ class CodebookUsage(Metric):
     `sparse` (default: codebook_size > MAX_CODEBOOK_SIZE) stores only the codes seen; the
     statistics are the same exact values, but there is no `counts` state and `compute()`
     leaves out `code_frequencies`.
+
+    `codebook_sizes` (one per codebook, e.g. a residual VQ with a size per depth): slot q
+    takes indices in [0, codebook_sizes[q]) and its utilization and dead codes are over its
+    own size; `codebook_size` is then their maximum (the width of `code_frequencies`, zero
+    past a slot's size). Equal sizes (or None) count exactly as without it.
     """
 
     full_state_update = False
@@ -54,9 +59,20 @@ class CodebookUsage(Metric):
         codebook_size: int,
         num_codebooks: int = 1,
         sparse: bool | None = None,
+        codebook_sizes: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.slot_sizes: tuple[int, ...] | None = None  # None: every slot has codebook_size
+        if codebook_sizes is not None:
+            sizes = tuple(int(n) for n in codebook_sizes)
+            if len(sizes) != num_codebooks or min(sizes) < 1 or max(sizes) != codebook_size:
+                raise ValueError(
+                    f"codebook_sizes must hold num_codebooks={num_codebooks} positive sizes "
+                    f"whose maximum is codebook_size={codebook_size}; got {list(sizes)}"
+                )
+            if len(set(sizes)) > 1:
+                self.slot_sizes = sizes
         if codebook_size < 1 or num_codebooks < 1:
             raise ValueError(
                 f"codebook_size and num_codebooks must be >= 1; "
@@ -98,6 +114,8 @@ class CodebookUsage(Metric):
             )
         flat = indices.reshape(-1, num_codebooks).long()
         keep = flat != IGNORE_INDEX
+        if self.slot_sizes is not None:
+            self._check_slots(flat, keep)
         if bool(((flat < 0) | (flat >= size))[keep].any()):
             bad = flat[keep]
             raise ValueError(
@@ -111,6 +129,25 @@ class CodebookUsage(Metric):
             return
         counts = torch.bincount(keys, minlength=num_codebooks * size)
         self.counts += counts.view(num_codebooks, size)
+
+    def _check_slots(self, flat: Tensor, keep: Tensor) -> None:
+        """Each slot's indices against its own size (codebook_sizes)."""
+        limits = torch.tensor(self.slot_sizes, device=flat.device)
+        outside = ((flat < 0) | (flat >= limits)) & keep
+        if bool(outside.any()):
+            slot = int(outside.any(dim=0).nonzero()[0, 0])
+            column = flat[:, slot][keep[:, slot]]
+            raise ValueError(
+                f"indices of codebook {slot} must lie in [0, {self.slot_sizes[slot] - 1}] (or "
+                f"be {IGNORE_INDEX} to skip); got values in [{column.min().item()}, "
+                f"{column.max().item()}] (codebook sizes {list(self.slot_sizes)})"
+            )
+
+    def _slot_sizes(self, device: torch.device) -> Tensor | int:
+        """Each codebook's size as a float64 (Q,) tensor, or the common int size."""
+        if self.slot_sizes is None:
+            return self.codebook_size
+        return torch.tensor(self.slot_sizes, dtype=torch.float64, device=device)
 
     def _add_sparse(self, keys: Tensor) -> None:
         """Append this batch's (key, count) pairs; merge once the pending pairs outnumber the
@@ -150,8 +187,13 @@ class CodebookUsage(Metric):
         totals = counts.sum(dim=-1, keepdim=True)
         frequencies = counts / totals.clamp_min(1)
         used = self.counts > 0
-        utilization = used.double().mean(dim=-1)
-        dead_codes = (~used).sum(dim=-1).double()
+        if self.slot_sizes is None:
+            utilization = used.double().mean(dim=-1)
+            dead_codes = (~used).sum(dim=-1).double()
+        else:  # codes past a slot's size are never counted
+            sizes = self._slot_sizes(counts.device)
+            utilization = used.sum(dim=-1).double() / sizes
+            dead_codes = sizes - used.sum(dim=-1).double()
         entropy = -torch.special.xlogy(frequencies, frequencies).sum(dim=-1)  # 0·log0 = 0
         perplexity = torch.where(totals.squeeze(-1) > 0, entropy.exp(), 0.0)
         per_codebook = {
@@ -175,10 +217,11 @@ class CodebookUsage(Metric):
         entropy = torch.zeros_like(totals).index_add_(
             0, codebook, -torch.special.xlogy(frequencies, frequencies)
         )
+        sizes = self._slot_sizes(keys.device)
         per_codebook = {
-            "utilization": used / size,
+            "utilization": used / sizes,
             "perplexity": torch.where(totals > 0, entropy.exp(), 0.0),
-            "dead_codes": size - used,
+            "dead_codes": sizes - used,
         }
         out = {name: value.mean().float() for name, value in per_codebook.items()}
         out |= {f"{name}_per_codebook": value.float() for name, value in per_codebook.items()}

@@ -35,7 +35,9 @@ class TokenizerModule(VqzooModule):
         super().init_stage_metrics()
         for stage in STAGES:
             self.metrics_for(stage)["codebook"] = CodebookUsage(
-                self.codebook_size, self.num_codebooks
+                self.codebook_size,
+                self.num_codebooks,
+                codebook_sizes=self.quantizer.codebook_sizes,  # a size per slot (the contract)
             )
             # `<stage>/nonfinite_tokens`: latent tokens with a NaN or inf in the epoch, which
             # the quantizer kept out of its codebook statistics (index -1)

@@ -224,3 +224,34 @@ def test_brute_force_against_counter(size: int, num_codebooks: int) -> None:
     for c, column in enumerate(columns):
         counter = Counter(i for i in column if i != -1)
         assert metric.counts[c].tolist() == [counter[k] for k in range(size)]
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_size_per_codebook(sparse: bool) -> None:
+    """`codebook_sizes` (a residual VQ with codebook_size=(3, 8)): each slot's utilization and
+    dead codes are over its own size, its range is checked against it; equal sizes count as
+    without them."""
+    metric = CodebookUsage(codebook_size=8, num_codebooks=2, sparse=sparse, codebook_sizes=(3, 8))
+    columns = [[0, 1, 1, -1, 2, 0], [7, 7, 0, 5, -1, 1]]
+    metric.update(torch.tensor(columns).t())
+    out = metric.compute()
+    expected = _reference([columns[0]], 3), _reference([columns[1]], 8)
+    for name in ("utilization", "perplexity", "dead_codes"):
+        want = torch.tensor([e[name][0] for e in expected], dtype=torch.float32)
+        torch.testing.assert_close(out[f"{name}_per_codebook"], want, msg=name)
+        torch.testing.assert_close(out[name], want.mean(), msg=name)
+    if not sparse:  # rows padded to the largest codebook, zero past a slot's size
+        assert out["code_frequencies"].shape == (2, 8)
+        assert bool((out["code_frequencies"][0, 3:] == 0).all())
+    with pytest.raises(ValueError, match=r"codebook 0 must lie in \[0, 2\].*\[3, 3\]"):
+        metric.update(torch.tensor([[3, 0]]))
+    with pytest.raises(ValueError, match="codebook_sizes"):
+        CodebookUsage(codebook_size=8, num_codebooks=2, codebook_sizes=(3, 4))
+    equal = CodebookUsage(codebook_size=4, num_codebooks=2, codebook_sizes=(4, 4))
+    plain = CodebookUsage(codebook_size=4, num_codebooks=2)
+    batch = torch.tensor([[0, 3], [1, 3], [-1, 2]])
+    equal.update(batch)
+    plain.update(batch)
+    assert equal.slot_sizes is None
+    for name, value in plain.compute().items():
+        assert torch.equal(equal.compute()[name], value), name

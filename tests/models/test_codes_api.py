@@ -115,6 +115,34 @@ def test_bad_codes_are_clear_errors() -> None:
     assert torch.equal(model.decode_codes(codes.to(torch.int16)), model.decode_codes(codes))
 
 
+def test_codes_and_usage_with_a_codebook_size_per_depth() -> None:
+    """ResidualVQ(codebook_size=[4, 16, 64]) (no num_quantizers): each code slot has its own
+    range in the codes API and its own size in the usage metric."""
+    config = {**CASES["rvq"], "num_quantizers": None, "codebook_size": [4, 16, 64]}
+    model = tiny_image_tokenizer({**config, "kmeans_init": False})
+    assert model.codebook_sizes == (4, 16, 64) and model.num_codebooks == 3
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    codes = model.encode_codes(images)
+    assert bool((codes < torch.tensor([4, 16, 64])).all()) and bool((codes >= 0).all())
+    with torch.no_grad():
+        _, quantized = model(images)
+    assert torch.equal(model.codes_to_latents(codes), quantized.latents)
+    broken = codes.clone()
+    broken[0, 0, 0, 0] = 4  # valid in slots 1 and 2, not in slot 0
+    with pytest.raises(CodesError, match=r"code slot 0 holds 4, outside.*\[0, 4\)"):
+        model.decode_codes(broken)
+    usage = model.codebook_usage("val")
+    usage.update(codes.reshape(-1, 3))
+    out = usage.compute()
+    used = [len(codes[..., q].unique()) for q in range(3)]
+    expected = torch.tensor([n / s for n, s in zip(used, (4, 16, 64), strict=True)])
+    torch.testing.assert_close(out["utilization_per_codebook"], expected)
+    torch.testing.assert_close(
+        out["dead_codes_per_codebook"],
+        torch.tensor([4.0 - used[0], 16.0 - used[1], 64.0 - used[2]]),
+    )
+
+
 def test_fingerprint_tracks_weights_and_config() -> None:
     model = tiny_image_tokenizer(CASES["fsq"], steps=1)
     first = model.fingerprint
