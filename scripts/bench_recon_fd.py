@@ -52,14 +52,14 @@ def main() -> None:
     from src.metrics.digit_classifier import load_digit_classifier
 
     images, _ = mnist_5k_split("test")
-    classifier = load_digit_classifier()
+    classifier = load_digit_classifier()  # outside no_grad: trains it (~30 s) if not cached
     print("| checkpoint | step | test recon FD | test PSNR (dB, per image) |")
     print("| --- | --- | --- | --- |")
     for ckpt in args.ckpts:
-        row = evaluate(ckpt, images, classifier)
+        with torch.no_grad():
+            row = evaluate(ckpt, images, classifier)
         print(f"| {ckpt} | {row['step']} | {row['fd']:.3f} | {row['psnr']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
-    with torch.no_grad():
-        main()
+    main()
