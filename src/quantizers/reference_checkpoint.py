@@ -19,6 +19,7 @@ import re
 from collections.abc import MutableMapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ["convert_reference_state_dict", "load_reference_state_dict", "reference_keys_hook"]
@@ -37,7 +38,10 @@ def _rename_prefix(sd: MutableMapping[str, Any], old: str, new: str) -> None:
 
 def _convert_vq(module: nn.Module, sd: MutableMapping[str, Any], prefix: str) -> None:
     """`_codebook.<buffer>` -> `<buffer>`, dropping the reference's singleton codebook axis;
-    `project_in.0.` (the reference's Sequential) -> `project_in.` / `project_in_norm.`."""
+    `project_in.0.` (the reference's Sequential) -> `project_in.` / `project_in_norm.`;
+    `_codebook.vq_bridge.` -> `vq_bridge.`; the affine batch moments' init flags."""
+    from_reference = any(key.startswith(f"{prefix}_codebook.") for key in sd)
+    _rename_prefix(sd, f"{prefix}_codebook.vq_bridge.", f"{prefix}vq_bridge.")
     for name in _CODEBOOK_BUFFERS:
         key = f"{prefix}_codebook.{name}"
         if key not in sd:
@@ -54,6 +58,14 @@ def _convert_vq(module: nn.Module, sd: MutableMapping[str, Any], prefix: str) ->
             key = f"{prefix}_codebook.{name}{suffix}"
             if key in sd:
                 sd[f"{prefix}affine.{name}{suffix}"] = sd.pop(key)
+    affine = getattr(module, "affine", None)
+    if from_reference and affine is not None:
+        # the reference registers its batch moments at their first update and never gives
+        # them an init flag: present means set (flag False), absent means still to be set
+        for name in ("batch_mean", "batch_variance"):
+            key = f"{prefix}affine.{name}"
+            sd.setdefault(f"{key}_needs_init", torch.tensor(key not in sd))
+            sd.setdefault(key, getattr(affine, name).detach().clone())
     if f"{prefix}project_in.0.weight" in sd:
         _rename_prefix(sd, f"{prefix}project_in.1.", f"{prefix}project_in_norm.")
         _rename_prefix(sd, f"{prefix}project_in.0.", f"{prefix}project_in.")
