@@ -172,25 +172,26 @@ class LatentQuantize(nn.Module, QuantizerContract):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def forward(self, x: Tensor) -> LatentQuantizeOutput:
-        """Quantize `x`; returns the output, indices and the weighted latent losses."""
-        check_float_input(x, "LatentQuantize")
-        channel_first = self._check_input(x)
-        tokens = x.movedim(1, -1) if channel_first else x
+    def forward(self, z: Tensor) -> LatentQuantizeOutput:
+        """Quantize `z` (the reference's name for the input); returns the output, indices and
+        the weighted latent losses."""
+        check_float_input(z, "LatentQuantize")
+        channel_first = self._check_input(z)
+        tokens = z.movedim(1, -1) if channel_first else z
         token_shape = tokens.shape[:-1]
-        z = project(self.project_in, tokens.reshape(x.shape[0], -1, self.dim))
-        out_dtype = z.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            z = z.float().unflatten(-1, (self.num_codebooks, self.codebook_dim))
+        latents = project(self.project_in, tokens.reshape(z.shape[0], -1, self.dim))
+        out_dtype = latents.dtype
+        with torch.autocast(z.device.type, enabled=False):
+            latents = latents.float().unflatten(-1, (self.num_codebooks, self.codebook_dim))
             in_place = self.training and self.in_place_codebook_optimizer is not None
             if in_place:
-                self._step_values(z)
-            q, indices = self._quantize(z)
-            loss = self.commitment_loss_weight * F.mse_loss(z, q.detach())
+                self._step_values(latents)
+            q, indices = self._quantize(latents)
+            loss = self.commitment_loss_weight * F.mse_loss(latents, q.detach())
             if not in_place:
-                loss = loss + self.quantization_loss_weight * F.mse_loss(q, z.detach())
-            codes = straight_through(z, q).flatten(-2)
-        out = like_input(project(self.project_out, codes.to(out_dtype)), x)
+                loss = loss + self.quantization_loss_weight * F.mse_loss(q, latents.detach())
+            codes = straight_through(latents, q).flatten(-2)
+        out = like_input(project(self.project_out, codes.to(out_dtype)), z)
         out = out.reshape(*token_shape, self.dim)
         if channel_first:
             out = out.movedim(-1, 1)

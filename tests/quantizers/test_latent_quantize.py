@@ -171,3 +171,14 @@ def test_bad_input_names_expected_layout() -> None:
         quantizer(torch.randn(16, 32))
     with pytest.raises(ValueError, match="levels"):
         LatentQuantize(levels=[1, 4], dim=2)
+
+
+def test_input_keyword_is_the_references_z() -> None:
+    """`lq(z=...)` as the reference's forward(z) is called; equal to the positional call."""
+    torch.manual_seed(0)
+    quantizer = LatentQuantize(levels=[5, 5, 8], dim=16).eval()
+    feats = torch.randn(2, 16, 4, 4)
+    by_name, positional = quantizer(z=feats), quantizer(feats)
+    assert torch.equal(by_name.quantized, positional.quantized)
+    assert torch.equal(by_name.indices, positional.indices)
+    assert torch.equal(by_name.quantized, quantizer.indices_to_codes(by_name.indices))
