@@ -18,6 +18,7 @@ from tests.distributed.harness import (
     run_cases,
     run_single_case,
     train_steps_with_history,
+    train_with_sgd,
 )
 
 STEPS = 4
@@ -63,10 +64,34 @@ def train_recording_depths(
     return {**result, "kept_depths": torch.stack(kept)}
 
 
+def build_sizes_rvq() -> ResidualVQ:
+    """A codebook size per depth (the reference's `codebook_size=(...)`)."""
+    return ResidualVQ(dim=16, codebook_size=(8, 16, 16, 32), **VQ_KWARGS)
+
+
+def build_qinco() -> ResidualVQ:
+    """Implicit neural codebooks: codebooks and MLPs learn by gradient (no EMA)."""
+    return ResidualVQ(
+        dim=16,
+        num_quantizers=3,
+        codebook_size=16,
+        implicit_neural_codebook=True,
+        quantize_dropout=True,
+        kmeans_init=True,
+        mlp_kwargs={"depth": 1},
+    )
+
+
 CASES = {
     name: Case(build, global_batch, STEPS, train_recording_depths)
-    for name, build in [("rvq", build_rvq), ("shared", build_shared_rvq), ("grvq", build_grvq)]
+    for name, build in [
+        ("rvq", build_rvq),
+        ("shared", build_shared_rvq),
+        ("grvq", build_grvq),
+        ("sizes", build_sizes_rvq),
+    ]
 }
+SGD_CASES = {"qinco": Case(build_qinco, global_batch, STEPS, train_with_sgd)}
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +117,19 @@ def test_ranks_agree_and_equal_single_process(synced, name: str) -> None:
     assert ran and all(ran.values()), initted
     sizes = [v for k, v in final.items() if k.endswith("cluster_size")]
     assert sum(int((size == THRESHOLD).sum()) for size in sizes) > 0
+
+
+def test_implicit_neural_codebooks_train_alike_on_two_ranks(tmp_path) -> None:
+    """QINCo under DDP: SGD on the codebooks and MLPs with rank-averaged gradients, k-means
+    seeded on every rank's tokens, quantize dropout depth agreed: the ranks agree and equal
+    one process on the whole batch; training moved the MLPs."""
+    ranks = run_cases(SGD_CASES, tmp_path)["qinco"]
+    assert_ranks_agree_and_match(ranks, run_single_case(SGD_CASES["qinco"]))
+    torch.manual_seed(0)
+    initial = build_qinco().state_dict()
+    final = ranks[0]
+    assert not torch.equal(final["mlps.0.proj_in.weight"], initial["mlps.0.proj_in.weight"])
+    assert all(bool(v) for k, v in final.items() if k.endswith("initted"))
 
 
 def _layer(state_key: str) -> int:
