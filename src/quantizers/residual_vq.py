@@ -404,7 +404,8 @@ class ResidualVQ(ResidualQuantizer):
 class GroupedResidualVQ(GroupedResidual):
     """`groups` ResidualVQs, each over its own `dim // groups` slice of the features.
 
-    Indices (groups, batch, seq, Q) and losses (groups, 1, Q); all keywords but `dim`,
+    Indices (groups, batch, seq, Q) and losses (groups, 1, Q) ((groups, Q) from a beam
+    search); all keywords but `dim`,
     `groups` and `accept_image_fmap` go to every ResidualVQ. All groups share one
     quantize-dropout depth per step.
     """
