@@ -9,6 +9,8 @@ keys and shapes of `module` (keys already in our layout pass unchanged, so it is
 VectorQuantize, every residual family and every grouped family run it as a load pre-hook, so
 `module.load_state_dict(reference.state_dict())` just works for them. For LFQ / FSQ /
 LatentQuantize / SimVQ used on their own, call `load_reference_state_dict(module, sd)`.
+ResidualVQ's implicit neural codebooks keep the reference's names (`mlps.<i>.`) and a codebook
+size per depth needs no rewrite (each `layers.<i>.` has its own shape), so both load as is.
 
 Dispatch is by class name (this file imports no quantizer, so the quantizers can import it).
 """
