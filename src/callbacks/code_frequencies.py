@@ -4,6 +4,7 @@ in the run directory, and the same chart plus a histogram per codebook for Tenso
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,10 @@ class CodeFrequencies(Callback):
             return
         self.last_frequencies[stage] = frequencies
         step = trainer.global_step
-        figure = code_frequency_figure(frequencies[: self.max_codebooks], stage, step)
+        shown = frequencies[: self.max_codebooks]
+        # each codebook's own size (a residual VQ may have one per depth); rows are padded
+        sizes = getattr(usage, "slot_sizes", None) or (usage.codebook_size,) * usage.num_codebooks
+        figure = code_frequency_figure(shown, stage, step, sizes[: len(shown)])
         canvas = FigureCanvasAgg(figure)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         # after fit, current_epoch is past the last epoch: tests are named by step only
@@ -77,18 +81,23 @@ class CodeFrequencies(Callback):
         chart = np.asarray(canvas.buffer_rgba())[..., :3].copy()
         self.last_path = path
         log_image(trainer.loggers, f"{stage}/codebook/frequencies_chart", chart, step)
-        for i, row in enumerate(frequencies[: self.max_codebooks]):
+        for i, (row, size) in enumerate(zip(shown, sizes, strict=False)):
             key = f"{stage}/codebook/{i}/frequencies" if len(frequencies) > 1 else None
-            log_histogram(trainer.loggers, key or f"{stage}/codebook/frequencies", row, step)
+            name = key or f"{stage}/codebook/frequencies"
+            log_histogram(trainer.loggers, name, row[:size], step)
 
 
-def code_frequency_figure(frequencies: np.ndarray, stage: str, step: int) -> Figure:
-    """Rank-frequency bars, one panel per codebook row of `frequencies` (rows sum to 1)."""
-    rows, size = frequencies.shape
+def code_frequency_figure(
+    frequencies: np.ndarray, stage: str, step: int, sizes: Sequence[int] | None = None
+) -> Figure:
+    """Rank-frequency bars, one panel per codebook row of `frequencies` (rows sum to 1);
+    `sizes` gives each row's codebook size when they differ (the rest of a row is padding)."""
+    rows, width = frequencies.shape
+    sizes = [width] * rows if sizes is None else [int(n) for n in sizes]
     figure = Figure(figsize=(7, 1.3 + 1.7 * rows), dpi=100, layout="constrained")
     axes = figure.subplots(rows, 1, squeeze=False)[:, 0]
-    ranks = np.arange(1, size + 1)
-    for i, (ax, row) in enumerate(zip(axes, frequencies, strict=True)):
+    for i, (ax, padded, size) in enumerate(zip(axes, frequencies, sizes, strict=True)):
+        row, ranks = padded[:size], np.arange(1, size + 1)
         used = int((row > 0).sum())
         nonzero = row[row > 0]
         perplexity = float(np.exp(-(nonzero * np.log(nonzero)).sum())) if used else 0.0
