@@ -44,9 +44,12 @@ def test_cases_cover_every_bottleneck_quantizer() -> None:
     assert {c["name"] for c in CASES.values()} == set(bottleneck_quantizers())
 
 
-def tiny_image_tokenizer(quantizer: dict[str, Any], steps: int = 2) -> ImageTokenizer:
-    """A small ImageTokenizer trained `steps` Adam steps on random 16x16 images (k-means
-    seeded codebooks cut to 64 codes: k-means++ over 256+ codes dominates the test's time)."""
+def tiny_image_tokenizer(
+    quantizer: dict[str, Any], steps: int = 2, image_size: int = 16
+) -> ImageTokenizer:
+    """A small ImageTokenizer trained `steps` Adam steps on random square images of
+    `image_size` (k-means seeded codebooks cut to 64 codes: k-means++ over 256+ codes dominates
+    the test's time)."""
     if quantizer.get("kmeans_init"):
         quantizer = {**quantizer, "codebook_size": min(64, quantizer["codebook_size"])}
     torch.manual_seed(0)
@@ -54,7 +57,7 @@ def tiny_image_tokenizer(quantizer: dict[str, Any], steps: int = 2) -> ImageToke
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(steps):
-        images = torch.rand(8, 1, 16, 16)
+        images = torch.rand(8, 1, image_size, image_size)
         reconstructions, quantized = model(images)
         loss = torch.nn.functional.mse_loss(reconstructions, images) + quantized.aux_loss
         optimizer.zero_grad()

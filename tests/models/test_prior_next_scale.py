@@ -19,20 +19,11 @@ from src.models.codes_api import CodesAPI
 from src.models.image_tokenizer import ImageTokenizer
 from src.models.prior import CodePrior
 from src.prior import codes_to_scales, scales_to_codes
+from tests.models.test_codes_api import tiny_image_tokenizer
+from tests.models.test_prior import NET as PRIOR_NET
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quantizer" / "hierarchical_vq.yaml"
-NET = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "num_experts": 4,
-    "num_experts_per_tok": 2,
-    "max_position_embeddings": 64,
-    "embedding_multiplier_scale": 32**0.5,
-    "attn_output_multiplier": 8**-0.5,
-}
+NET = {**PRIOR_NET, "max_position_embeddings": 64}
 
 
 @pytest.fixture(autouse=True)
@@ -48,17 +39,7 @@ def tokenizer() -> ImageTokenizer:
     """The config's hierarchical_vq (32 codes instead of 512) in a 8x8 -> 4x4 tokenizer, a few
     Adam steps on random images so that the levels use several codes."""
     config = {**yaml.safe_load(CONFIG.read_text()), "codebook_size": 32}
-    torch.manual_seed(0)
-    model = ImageTokenizer(in_channels=1, quantizer=config, channels=(8, 16), latent_dim=8)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        images = torch.rand(8, 1, 8, 8)
-        reconstructions, quantized = model(images)
-        loss = torch.nn.functional.mse_loss(reconstructions, images) + quantized.aux_loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return tiny_image_tokenizer(config, steps=3, image_size=8)
 
 
 def test_codes_api_gives_codes_per_scale(tokenizer: ImageTokenizer) -> None:
