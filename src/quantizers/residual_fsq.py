@@ -9,6 +9,11 @@ error shrinks by `m` per layer, and as every grid holds zero the error of a toke
 (a 2-level channel, `m = 1`, cannot refine). Only layer 0 passes a gradient
 (straight-through through the FSQ bound), so the stack as a whole is one straight-through
 quantizer whatever its depth.
+
+That is `refinement="exact"`, the default. `refinement="rescaled"` is the reference library's
+(vector-quantize-pytorch) algorithm instead: layer `l` is a symmetric FSQ
+(`preserve_symmetry=True`) on the residual times `L**l`, its codes divided back, every layer
+straight-through; a reference checkpoint loads into it and gives the reference's outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from src.quantizers.kernels import straight_through
 from src.quantizers.registry import register_quantizer
 from src.quantizers.residual_quantizer import ResidualQuantizer
 
+REFINEMENTS = ("exact", "rescaled")  # ResidualFSQ(refinement=...), see the docstring
+
 
 class ResidualFSQOutput(NamedTuple):
     """`quantized` in the input's layout; `indices` (..., num_quantizers), -1 where dropped."""
@@ -35,8 +42,9 @@ class ResidualFSQOutput(NamedTuple):
 
 
 class ResidualFSQCodesOutput(NamedTuple):
-    """With `return_all_codes=True`: also every layer's codes (q, ..., len(levels)) in FSQ's
-    code units, before `project_out` (zeros for dropped layers), as the reference returns."""
+    """With `return_all_codes=True`: also every layer's codes (q, ..., len(levels)) before
+    `project_out` (zeros for dropped layers), as the reference returns: in FSQ's code units
+    (exact), or each layer's symmetric FSQ codes times its scale (rescaled, the reference's)."""
 
     quantized: Tensor
     indices: Tensor
@@ -78,16 +86,41 @@ class FSQRefinement(nn.Module):
         return self._codes(digits)
 
 
+class RescaledFSQLayer(nn.Module):
+    """Layer `depth` of the reference's residual FSQ (`refinement="rescaled"`): a symmetric
+    FSQ on `residual / scale`, its codes times `scale`, with `scale = levels**-depth` per
+    channel (float32, as the reference's); straight-through at every depth."""
+
+    def __init__(self, levels: list[int], depth: int, bound_hard_clamp: bool) -> None:
+        super().__init__()
+        self.depth = depth
+        self.fsq = FSQ(levels=levels, preserve_symmetry=True, bound_hard_clamp=bound_hard_clamp)
+        self.codebook_size = self.fsq.codebook_size
+        scale = torch.tensor(levels).float() ** -depth
+        self.register_buffer("_scale", scale, persistent=False)
+
+    def forward(self, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes of `residual` (..., len(levels)) and their int64 indices (...)."""
+        quantized, indices = self.fsq(residual / self._scale)
+        return quantized * self._scale, indices
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """Codes (..., len(levels)) of int indices (...), equal to what forward returned."""
+        return self.fsq.indices_to_codes(indices) * self._scale
+
+
 @register_quantizer("rfsq")
 class ResidualFSQ(ResidualQuantizer):
     """`num_quantizers` FSQ layers on successive residuals, with the reference's keywords.
 
     Input is channel-last `(..., dim)` or, with `is_channel_first=True`, `(batch, dim, ...)`.
+    `refinement` picks the layers (see the module docstring): `"exact"` (default) refines
+    layer 0's grid exactly, only layer 0 passing a gradient; `"rescaled"` is the reference
+    library's algorithm, so its checkpoints load and give its outputs, indices and gradients.
     `soft_clamp_input_value` squashes the projected input by `c * tanh(x / c)` first;
-    `bound_hard_clamp=True` bounds layer 0 by a clamp instead of tanh after a soft clamp to
-    `1 + 1/(L - 1)` (the reference's keywords; its default is True, ours False: the layers
-    here are exact refinements of layer 0's grid, not the reference's rescaled FSQs, so
-    outputs differ from the reference's whatever the keywords).
+    `bound_hard_clamp=True` bounds the layers by a clamp instead of tanh after a soft clamp to
+    `1 + 1/(L - 1)` (exact: layer 0's bound; rescaled: every layer's FSQ). Its default (None)
+    is the reference's True with `"rescaled"` and False with `"exact"`.
     `dim` defaults to `len(levels)`; otherwise linear projections map to and from it. Quantize
     dropout (training only) keeps a random number of leading layers and marks the rest -1.
     """
@@ -103,10 +136,19 @@ class ResidualFSQ(ResidualQuantizer):
         quantize_dropout_cutoff_index: int = 0,
         quantize_dropout_multiple_of: int = 1,
         soft_clamp_input_value: float | list[float] | Tensor | None = None,
-        bound_hard_clamp: bool = False,
+        bound_hard_clamp: bool | None = None,
+        refinement: str = "exact",
     ) -> None:
         super().__init__()
-        # validates levels; its bound (tanh, or a clamp with bound_hard_clamp) squashes layer 0
+        if refinement not in REFINEMENTS:
+            raise ValueError(
+                f"ResidualFSQ refinement must be 'exact' (layer 0's grid refined exactly, the "
+                f"default) or 'rescaled' (the reference library's algorithm); got {refinement!r}"
+            )
+        if bound_hard_clamp is None:
+            bound_hard_clamp = refinement == "rescaled"  # the reference's default with its layers
+        self.refinement = refinement
+        # validates levels; in exact mode its bound (tanh, or a clamp) squashes layer 0
         self.fsq = FSQ(levels=levels, bound_hard_clamp=bound_hard_clamp)
         levels = self.fsq.levels
         self.bound_hard_clamp = bound_hard_clamp
@@ -133,8 +175,14 @@ class ResidualFSQ(ResidualQuantizer):
         self.is_channel_first = is_channel_first
         self.channel_first = is_channel_first
         self.init_projections(len(levels) if dim is None else dim, len(levels))
+        if refinement == "exact":
+            layers = [FSQRefinement(levels, depth) for depth in range(num_quantizers)]
+        else:
+            layers = [
+                RescaledFSQLayer(levels, depth, bound_hard_clamp) for depth in range(num_quantizers)
+            ]
         self.init_stack(
-            [FSQRefinement(levels, depth) for depth in range(num_quantizers)],
+            layers,
             quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
@@ -160,7 +208,8 @@ class ResidualFSQ(ResidualQuantizer):
         with torch.autocast(x.device.type, enabled=False):
             clamp = self.soft_clamp_input_value
             soft = z.float() if clamp is None else (z.float() / clamp).tanh() * clamp
-            bounded = self.fsq.bound(soft)  # layer-0 level units
+            # exact: layer-0 level units; rescaled: the layers bound their own input
+            bounded = self.fsq.bound(soft) if self.refinement == "exact" else soft
             stacked = self.stack(bounded, num_kept=num_kept)
             codes = self.from_stack_units(stacked.quantized)
             indices = stacked.indices
@@ -173,8 +222,9 @@ class ResidualFSQ(ResidualQuantizer):
         return ResidualFSQOutput(out, indices)
 
     def from_stack_units(self, codes: Tensor) -> Tensor:
-        """Layer-0 level units -> FSQ's [-1, 1] code units."""
-        return codes / self.fsq._half_width
+        """Exact: layer-0 level units -> FSQ's [-1, 1] code units; rescaled: unchanged (the
+        layers give the reference's units)."""
+        return codes / self.fsq._half_width if self.refinement == "exact" else codes
 
     def _check_input(self, x: Tensor) -> None:
         if self.is_channel_first:
@@ -195,7 +245,8 @@ class GroupedResidualFSQ(GroupedResidual):
     """`groups` ResidualFSQs, each on its own slice of the feature axis.
 
     Indices are (groups, ..., num_quantizers). `accept_image_fmap=True` takes channel-first
-    `(batch, dim, ...)` maps. All groups keep the same depth under quantize dropout.
+    `(batch, dim, ...)` maps. All groups keep the same depth under quantize dropout. Other
+    keywords (`refinement`, `bound_hard_clamp`, ...) go to every group's ResidualFSQ.
     """
 
     member = ResidualFSQ
