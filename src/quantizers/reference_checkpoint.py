@@ -11,6 +11,11 @@ VectorQuantize, every residual family and every grouped family run it as a load 
 LatentQuantize / SimVQ used on their own, call `load_reference_state_dict(module, sd)`.
 ResidualVQ's implicit neural codebooks keep the reference's names (`mlps.<i>.`) and a codebook
 size per depth needs no rewrite (each `layers.<i>.` has its own shape), so both load as is.
+A reference ResidualFSQ (alone or in a GroupedResidualFSQ) holds only its projections, which
+would load into our default `refinement="exact"` ResidualFSQ and then give other outputs
+silently: when the state dict's metadata shows another module tree (the reference's `layers`
+list, no `stack`), loading it there raises, naming `refinement="rescaled"`, the reference's
+algorithm (`guard_exact_residual_fsq`; a grouped one only when loaded at the top level).
 
 Dispatch is by class name (this file imports no quantizer, so the quantizers can import it).
 """
@@ -18,13 +23,20 @@ Dispatch is by class name (this file imports no quantizer, so the quantizers can
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import MutableMapping
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["convert_reference_state_dict", "load_reference_state_dict", "reference_keys_hook"]
+__all__ = [
+    "convert_reference_state_dict",
+    "guard_exact_residual_fsq",
+    "load_reference_state_dict",
+    "reference_keys_hook",
+]
 
 _CODEBOOK_BUFFERS = ("embed", "embed_avg", "cluster_size", "initted")
 
@@ -91,7 +103,58 @@ def _convert_residual(module: nn.Module, sd: MutableMapping[str, Any], prefix: s
 
 
 def _convert_grouped(module: nn.Module, sd: MutableMapping[str, Any], prefix: str) -> None:
+    for group, member in enumerate(getattr(module, "members", ())):
+        _refuse_exact_residual_fsq(member, sd, f"{prefix}rvqs.{group}.")
     _rename_prefix(sd, f"{prefix}rvqs.", f"{prefix}members.")
+
+
+def _refuse_exact_residual_fsq(
+    module: nn.Module, sd: MutableMapping[str, Any], source_prefix: str
+) -> None:
+    """Raise if `sd` holds the reference's ResidualFSQ under `source_prefix` (its `layers`
+    module list in the metadata `state_dict()` records) and `module` is our exact-refinement
+    ResidualFSQ: only the projections would load, and the outputs would differ silently."""
+    if "ResidualFSQ" not in _class_names(module) or module.refinement != "exact":
+        return
+    metadata = getattr(sd, "_metadata", None)
+    if metadata is not None and f"{source_prefix}layers" in metadata:
+        raise _exact_residual_fsq_error(source_prefix)
+
+
+def _exact_residual_fsq_error(prefix: str) -> ValueError:
+    where = f"under {prefix!r}" if prefix else "at the top level"
+    return ValueError(
+        f"the state dict {where} was saved from another module "
+        f"tree than this ResidualFSQ's (no `stack`), such as the reference library's "
+        f"ResidualFSQ, whose algorithm is ResidualFSQ(refinement='rescaled'); this module "
+        f"uses refinement='exact' (the default), so it would load and then give other "
+        f"outputs. Build it with refinement='rescaled' (bound_hard_clamp then defaults to the "
+        f"reference's True), or load dict(state_dict) (no metadata) to take only the "
+        f"projections on purpose"
+    )
+
+
+def guard_exact_residual_fsq(module: nn.Module) -> None:
+    """Make `load_state_dict` of our exact-refinement ResidualFSQ `module` raise on a
+    reference ResidualFSQ's state dict, also where `module` sits inside a larger model (whose
+    submodules' load hooks see only their own metadata entry): the dict has the entry
+    `state_dict()` records for `module` (so metadata came along) but none for its `stack`,
+    which every ResidualFSQ of ours has had."""
+    module._register_load_state_dict_pre_hook(_note_metadata, with_module=True)
+    module.stack._register_load_state_dict_pre_hook(partial(_check_stack_metadata, module))
+
+
+def _note_metadata(
+    module: nn.Module, sd: Any, prefix: str, local_metadata: dict, *args: Any
+) -> None:
+    module._loading_with_metadata = "version" in local_metadata
+
+
+def _check_stack_metadata(
+    owner: nn.Module, sd: Any, prefix: str, local_metadata: dict, *args: Any
+) -> None:
+    if getattr(owner, "_loading_with_metadata", False) and "version" not in local_metadata:
+        raise _exact_residual_fsq_error(prefix.removesuffix("stack."))
 
 
 def _convert_lfq(module: nn.Module, sd: MutableMapping[str, Any], prefix: str) -> None:
@@ -143,8 +206,12 @@ def _convert_in_place(module: nn.Module, sd: MutableMapping[str, Any], prefix: s
 def convert_reference_state_dict(
     module: nn.Module, state_dict: MutableMapping[str, Any]
 ) -> dict[str, Any]:
-    """A copy of `state_dict` (from the reference class matching `module`) in our layout."""
-    converted = dict(state_dict)
+    """A copy of `state_dict` (from the reference class matching `module`) in our layout,
+    keeping its metadata (module versions, and the checks above)."""
+    converted = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        converted._metadata = metadata  # type: ignore[attr-defined]
     _convert_in_place(module, converted, "")
     return converted
 

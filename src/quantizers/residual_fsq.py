@@ -28,6 +28,7 @@ from src.quantizers.contract import check_index_range
 from src.quantizers.fsq import FSQ
 from src.quantizers.grouped import GroupedResidual
 from src.quantizers.kernels import straight_through
+from src.quantizers.reference_checkpoint import guard_exact_residual_fsq
 from src.quantizers.registry import register_quantizer
 from src.quantizers.residual_quantizer import ResidualQuantizer
 
@@ -125,6 +126,8 @@ class ResidualFSQ(ResidualQuantizer):
     dropout (training only) keeps a random number of leading layers and marks the rest -1.
     """
 
+    refinement: str = "exact"  # set per instance; the class default serves older pickles
+
     def __init__(
         self,
         *,
@@ -188,6 +191,8 @@ class ResidualFSQ(ResidualQuantizer):
             quantize_dropout_multiple_of=quantize_dropout_multiple_of,
             decode="indices_to_codes",
         )
+        if refinement == "exact":  # a reference checkpoint would load and differ silently
+            guard_exact_residual_fsq(self)
 
     def forward(
         self,

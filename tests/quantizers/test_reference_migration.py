@@ -4,11 +4,14 @@ Each case builds the reference class, moves its state off the initialisation (pa
 nudged, two training steps so EMA buffers and k-means state change), saves the state dict
 and loads it into ours (`load_state_dict` directly where the class registers the reference
 keys hook, else `load_reference_state_dict`). In eval mode both must then give the same
-output (to 1e-5) and the same indices on random inputs.
+output (to 1e-5) and the same indices on random inputs. Our ResidualFSQ takes the
+reference's algorithm with `refinement="rescaled"` (keywords in OURS_ONLY are not passed to
+the reference); its default exact refinement refuses a reference checkpoint (tested below).
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 
 import pytest
@@ -25,6 +28,8 @@ SEQ = (2, 10, 16)
 IMAGE = (2, 16, 4, 4)
 
 RVQ3 = {"codebook_size": 32, "num_quantizers": 3}
+RFSQ = {"levels": [8, 5, 5], "refinement": "rescaled"}
+OURS_ONLY = {"refinement"}  # our keywords the reference does not take
 MLP = {"depth": 2, "dim_hidden": 24}
 
 # (class, keywords, input shape, loads through plain load_state_dict)
@@ -86,21 +91,36 @@ CASES = [
     ("GroupedResidualLFQ", {"codebook_size": 256, "num_quantizers": 2, "groups": 2}, SEQ, True),
     ("SimVQ", {"codebook_size": 32}, SEQ, True),
     ("ResidualSimVQ", {"codebook_size": 32, "num_quantizers": 2}, SEQ, True),
-    ("ResidualFSQ", {"levels": [8, 5, 5], "num_quantizers": 2}, SEQ, True),
-    ("GroupedResidualFSQ", {"levels": [8, 5, 5], "num_quantizers": 2, "groups": 2}, SEQ, True),
+    # refinement="rescaled" (ours only) is the reference's residual FSQ
+    ("ResidualFSQ", {**RFSQ, "num_quantizers": 2}, SEQ, True),
+    ("ResidualFSQ", {**RFSQ, "num_quantizers": 3, "quantize_dropout": True}, SEQ, True),
+    ("ResidualFSQ", {**RFSQ, "num_quantizers": 3, "bound_hard_clamp": False}, SEQ, True),
+    (
+        "ResidualFSQ",
+        {**RFSQ, "num_quantizers": 3, "bound_hard_clamp": False, "soft_clamp_input_value": 1.5},
+        SEQ,
+        True,
+    ),
+    ("ResidualFSQ", {**RFSQ, "num_quantizers": 2, "is_channel_first": True}, IMAGE, True),
+    ("GroupedResidualFSQ", {**RFSQ, "num_quantizers": 2, "groups": 2}, SEQ, True),
+    (
+        "GroupedResidualFSQ",
+        {**RFSQ, "num_quantizers": 3, "groups": 2, "bound_hard_clamp": False},
+        SEQ,
+        True,
+    ),
     ("LatentQuantize", {"levels": [5, 5, 5], "codebook_dim": 3}, IMAGE, False),
 ]
 
-# Different by design: our ResidualFSQ refines layer 0's integer grid exactly (layer l is that
-# grid / m**l); the reference runs a rescaled FSQ on each residual after a soft clamp (see the
-# ResidualFSQ docstring). Strict, so matching outputs would make these cases fail loudly.
-_RFSQ = "ResidualFSQ is a different algorithm from the reference's (exact grid refinement)"
-KNOWN_DIFFERENT = {"ResidualFSQ": _RFSQ, "GroupedResidualFSQ": _RFSQ}
 # Reference bug: LatentQuantize maps the chosen values back to indices through the initial
 # grid formula, so once its values have moved (training) its indices name other cells and its
 # own decode of them differs from its forward. Outputs must match; our indices are the cells
 # chosen, checked by decoding them.
 INDICES_DIFFER = {"LatentQuantize"}
+# Reference layout (1.32.0): ResidualFSQ(is_channel_first=True) returns indices (b, q, ...),
+# which its own get_output_from_indices does not take (it reads q from the last axis). Ours
+# are (b, ..., q), the layout both decode; compared after moving the reference's q axis.
+QUANTIZER_AXIS_1 = "is_channel_first"
 
 
 def _case_id(case: tuple) -> str:
@@ -110,6 +130,7 @@ def _case_id(case: tuple) -> str:
 
 def _trained_reference(name: str, kwargs: dict, shape: tuple[int, ...]) -> torch.nn.Module:
     torch.manual_seed(0)
+    kwargs = {k: v for k, v in kwargs.items() if k not in OURS_ONLY}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = getattr(reference, name)(dim=16, **kwargs)
@@ -122,14 +143,7 @@ def _trained_reference(name: str, kwargs: dict, shape: tuple[int, ...]) -> torch
     return module.eval()
 
 
-def _params() -> list:
-    marks = {n: pytest.mark.xfail(reason=r, strict=True) for n, r in KNOWN_DIFFERENT.items()}
-    return [
-        pytest.param(c, id=_case_id(c), marks=[marks[c[0]]] if c[0] in marks else []) for c in CASES
-    ]
-
-
-@pytest.mark.parametrize("case", _params())
+@pytest.mark.parametrize("case", [pytest.param(c, id=_case_id(c)) for c in CASES])
 def test_reference_state_dict_loads_and_eval_outputs_match(case: tuple) -> None:
     name, kwargs, shape, through_hook = case
     ref = _trained_reference(name, kwargs, shape)
@@ -149,7 +163,10 @@ def test_reference_state_dict_loads_and_eval_outputs_match(case: tuple) -> None:
         if name in INDICES_DIFFER:
             torch.testing.assert_close(mine.indices_to_codes(got[1]), got[0])
             continue
-        assert torch.equal(got[1].long(), expected[1].long())
+        expected_indices = (
+            expected[1].movedim(1, -1) if kwargs.get(QUANTIZER_AXIS_1) else expected[1]
+        )
+        assert torch.equal(got[1].long(), expected_indices.long())
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -238,3 +255,60 @@ def test_codebook_diversity_averages_over_every_token_unlike_the_reference() -> 
     probs = (-torch.cdist(x[0], codebook)).softmax(-1)  # (50, 32)
     torch.testing.assert_close(ref_parts.codebook_diversity, -entropy(probs).mean())
     torch.testing.assert_close(parts.codebook_diversity, -entropy(probs.mean(0)))
+
+
+def _nested(module: torch.nn.Module) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(4, 4), module)
+
+
+@pytest.mark.parametrize(
+    "how", ["load_state_dict", "load_reference_state_dict", "nested", "grouped"]
+)
+def test_reference_residual_fsq_is_refused_by_the_exact_refinement(how: str) -> None:
+    """A reference ResidualFSQ state dict holds only projections, which fit our default
+    refinement='exact' module too; loading it there raises naming refinement='rescaled'
+    (plain, through load_reference_state_dict, inside a larger model, grouped), while our own
+    exact checkpoints, saved through torch.save, still load."""
+    kwargs = {"levels": [8, 5, 5], "num_quantizers": 2}
+    grouped = how == "grouped"
+    name = "GroupedResidualFSQ" if grouped else "ResidualFSQ"
+    extra = {"groups": 2} if grouped else {}
+    ref = _trained_reference(name, {**kwargs, **extra}, SEQ)
+    mine = getattr(ours, name)(dim=16, **kwargs, **extra)
+    state = ref.state_dict()
+    if how == "nested":
+        mine, state = _nested(mine), _nested(ref).state_dict()
+    load = {"load_reference_state_dict": lambda s: load_reference_state_dict(mine, s)}.get(
+        how, mine.load_state_dict
+    )
+    with pytest.raises(ValueError, match=r"refinement='rescaled'"):
+        load(state)
+    buffer = io.BytesIO()
+    torch.save(mine.state_dict(), buffer)
+    buffer.seek(0)
+    result = mine.load_state_dict(torch.load(buffer))
+    assert not result.missing_keys and not result.unexpected_keys
+    rescaled = getattr(ours, name)(dim=16, refinement="rescaled", **kwargs, **extra)
+    (_nested(rescaled) if how == "nested" else rescaled).load_state_dict(state)
+
+
+def test_grouped_residual_fsq_image_maps_where_the_reference_raises() -> None:
+    """Reference bug (1.32.0): GroupedResidualFSQ(accept_image_fmap=True) does not tell its
+    groups the maps are channel-first, so its forward fails. Ours quantizes each group's map
+    as the reference's sequence model quantizes the flattened tokens, from its checkpoint."""
+    kwargs = {"levels": [8, 5, 5], "num_quantizers": 2, "groups": 2}
+    broken = reference.GroupedResidualFSQ(dim=16, accept_image_fmap=True, **kwargs).eval()
+    with pytest.raises(RuntimeError):
+        broken(torch.randn(*IMAGE))
+    ref = _trained_reference("GroupedResidualFSQ", kwargs, SEQ)
+    mine = ours.GroupedResidualFSQ(
+        dim=16, accept_image_fmap=True, refinement="rescaled", **kwargs
+    ).eval()
+    mine.load_state_dict(ref.state_dict())
+    x = torch.randn(*IMAGE)
+    tokens = x.flatten(2).transpose(1, 2)  # (b, h*w, d)
+    with torch.no_grad():
+        expected, expected_idx = ref(tokens)
+        got, got_idx = mine(x)
+    torch.testing.assert_close(got.flatten(2).transpose(1, 2), expected, rtol=0, atol=1e-5)
+    assert torch.equal(got_idx.flatten(2, 3), expected_idx.long())
