@@ -45,6 +45,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fsq_channel_first": ("fsq", {"channel_first": True}),
     "lfq_codebooks": ("lfq", {"num_codebooks": 2, "codebook_size": 64}),
     "latent_quantize_codebooks": ("latent_quantize", {"num_codebooks": 2}),
+    "rfsq_rescaled": ("rfsq", {"refinement": "rescaled"}),  # the reference's algorithm
+    "grfsq_rescaled": ("grfsq", {"refinement": "rescaled"}),
 }
 
 
@@ -119,7 +121,9 @@ def test_decode_indices_equals_eval_forward(case: str) -> None:
         assert torch.equal(slots_to_indices(slots, index_layout(quantizer, DIM)), out.indices)
 
 
-@pytest.mark.parametrize("case", [*BOTTLENECKS, "vq_heads_separate", "lfq_codebooks"])
+@pytest.mark.parametrize(
+    "case", [*BOTTLENECKS, "vq_heads_separate", "lfq_codebooks", "rfsq_rescaled", "grfsq_rescaled"]
+)
 def test_out_of_range_indices_are_rejected(case: str) -> None:
     name, quantizer, _ = build(case)
     quantizer.eval()
