@@ -117,7 +117,9 @@ class ResidualFSQ(ResidualQuantizer):
     Input is channel-last `(..., dim)` or, with `is_channel_first=True`, `(batch, dim, ...)`.
     `refinement` picks the layers (see the module docstring): `"exact"` (default) refines
     layer 0's grid exactly, only layer 0 passing a gradient; `"rescaled"` is the reference
-    library's algorithm, so its checkpoints load and give its outputs, indices and gradients.
+    library's algorithm, so its checkpoints load and give its outputs, indices and gradients
+    (indices stay `(batch, ..., q)` for channel-first input, where the reference's forward
+    returns `(batch, q, ...)`, a layout its own decode does not take).
     `soft_clamp_input_value` squashes the projected input by `c * tanh(x / c)` first;
     `bound_hard_clamp=True` bounds the layers by a clamp instead of tanh after a soft clamp to
     `1 + 1/(L - 1)` (exact: layer 0's bound; rescaled: every layer's FSQ). Its default (None)
