@@ -10,7 +10,9 @@ Group protocol (what `GroupedResidual` needs from each group module, e.g. Residu
 - `get_codes_from_indices` / `decode_indices` on one group's indices, and `codebook_size`,
   `num_quantizers`, `num_codebooks`.
 The combined output has the groups' type: quantized concatenated back along the feature
-axis, every other field stacked on a new leading group axis, e.g. indices (G, B, N, Q).
+axis, every other field stacked on a new leading group axis, e.g. indices (G, B, N, Q), and
+`all_codes` (G, Q, B, N, d) where the reference's GroupedResidualFSQ returns a tuple of G
+tensors (indexing by group, iterating and `len` behave the same).
 """
 
 from __future__ import annotations
