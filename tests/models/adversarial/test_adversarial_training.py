@@ -4,7 +4,8 @@
   tokenizer without `adversarial`, and the discriminator keeps its initial weights;
 - from `disc_start` on, the generator's optimiser step leaves the discriminator unchanged and the
   discriminator's step leaves the generator unchanged; global_step counts batches;
-- the logged `train/gan/...` values are there and finite.
+- the logged `train/gan/...` values are there and finite;
+- under bf16-mixed autocast both networks stay float32 and the losses equal float32's closely.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def _unwrap(model: ImageTokenizer) -> ImageTokenizer:
     return model
 
 
-def _trainer(steps: int, callbacks: list[Callback], clip: float | None) -> Trainer:
+def _trainer(
+    steps: int, callbacks: list[Callback], clip: float | None, precision: str = "32-true"
+) -> Trainer:
     return Trainer(
         max_steps=steps,
         accelerator="cpu",
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -157,3 +161,47 @@ def test_bad_adversarial_config_fails_when_the_model_is_built() -> None:
         _model({**GAN, "disc_strat": 5})
     with pytest.raises(ValueError, match="balancer replaces the adaptive weight"):
         _model({**GAN, "balancer": {"weights": {"recon": 1.0}}})
+
+
+class GanLosses(Callback):
+    """The logged `train/gan/{d_loss,g_loss}` after every training batch."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        logged = trainer.callback_metrics
+        if "train/gan/d_loss" in logged:
+            self.values.append(
+                (float(logged["train/gan/d_loss"]), float(logged["train/gan/g_loss"]))
+            )
+
+
+def _fit(precision: str) -> tuple[ImageTokenizer, GanLosses]:
+    gan = _unwrap(_model({**GAN, "disc_start": 1}))
+    losses = GanLosses()
+    trainer = _trainer(3, [losses], clip=None, precision=precision)
+    trainer.fit(gan, _loader())
+    return gan, losses
+
+
+def test_gan_step_under_bf16_autocast_keeps_float32_state_and_the_float32_losses() -> None:
+    """`trainer.precision=bf16-mixed` (what `trainer=gpu` uses; autocast on CPU here): both
+    networks stay float32 and train, and the adversarial losses of the two adversarial steps
+    equal the float32 run's to bf16 accuracy (the discriminator losses are computed in float32
+    from bf16 logits)."""
+    initial = _model({**GAN, "disc_start": 1})
+    bf16, bf16_losses = _fit("bf16-mixed")
+    _, fp32_losses = _fit("32-true")
+    for name, value in bf16.state_dict().items():
+        if value.is_floating_point():
+            assert value.dtype == torch.float32, name
+            assert bool(torch.isfinite(value).all()), name
+    before, after = initial.state_dict(), bf16.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"discriminator", "decoder", "encoder"} <= changed
+    assert len(bf16_losses.values) == len(fp32_losses.values) == 2
+    for (d16, g16), (d32, g32) in zip(bf16_losses.values, fp32_losses.values, strict=True):
+        assert d16 == pytest.approx(d32, abs=3e-3)  # the values are ~1 and ~0.05
+        assert g16 == pytest.approx(g32, abs=3e-3)
+        assert (d16, g16) != (d32, g32)  # autocast did run in bf16
