@@ -6,8 +6,8 @@
 Loads the test split of the Allison speech data (configs/data/allison_speech.yaml: 2-s windows
 at 8 kHz, split seed 0), writes `<out_dir>/clip_NN_input.wav` once and
 `<out_dir>/clip_NN_<NAME>.wav` per checkpoint (16-bit PCM), and prints one markdown row per
-checkpoint: SI-SNR (dB) and mel distance (the tokenizer's own metric) over the whole test split,
-and per exported clip.
+checkpoint: SI-SNR (dB, torchmetrics' as the tokenizer logs it) and mel distance (the tokenizer's
+own metric) over the whole test split, and per exported clip.
 """
 
 from __future__ import annotations
@@ -26,16 +26,6 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 import torch  # noqa: E402
 
 
-def si_snr(estimate: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-clip scale-invariant SNR (dB) of (B, T) waveforms (zero-mean, as torchmetrics)."""
-    estimate = estimate - estimate.mean(-1, keepdim=True)
-    target = target - target.mean(-1, keepdim=True)
-    scale = (estimate * target).sum(-1, keepdim=True) / target.pow(2).sum(-1, keepdim=True)
-    projection = scale * target
-    noise = estimate - projection
-    return 10 * (projection.pow(2).sum(-1) / noise.pow(2).sum(-1).clamp_min(1e-12)).log10()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
@@ -45,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import soundfile as sf
+    from torchmetrics.functional.audio import scale_invariant_signal_noise_ratio
 
     from src.data import AsteriskSpeechDataModule
     from src.models import load_tokenizer
@@ -62,7 +53,7 @@ def main() -> None:
         name, _, path = spec.partition("=")
         tokenizer = load_tokenizer(path)
         recons = torch.cat([tokenizer(chunk)[0] for chunk in waves.split(16)])
-        snr = si_snr(recons[:, 0], waves[:, 0])
+        snr = scale_invariant_signal_noise_ratio(recons[:, 0], waves[:, 0])  # per clip
         mel = tokenizer.mel_distance(recons, waves)
         for i in args.clips:
             wave = recons[i, 0].clamp(-1, 1).numpy()
